@@ -107,8 +107,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = logits.shape[0]
         owned_grad = torch.where(owned, grad_output, torch.zeros_like(grad_output))
         for s, e in _chunks(n, ctx.chunk_size):
-            # -g * softmax(x), computed in place on the fp32 chunk copy to keep one temporary per chunk.
-            chunk = logits[s:e].float()
+            # -g * softmax(x), computed in place on an fp32 *copy* of the chunk to keep one temporary per chunk
+            # (copy=True: for fp32 logits .float() would alias the saved logits and corrupt them).
+            chunk = logits[s:e].to(torch.float32, copy=True)
             chunk.sub_(lse[s:e, None]).exp_().mul_(-grad_output[s:e, None])
             # + g * onehot(target), only on the rank that owns the target id.
             chunk.scatter_add_(-1, local_targets[s:e, None], owned_grad[s:e, None])

@@ -8,11 +8,14 @@ initializes its own process group (normally through
 
 from __future__ import annotations
 
+import io
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable, List
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -33,12 +36,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         # One intra-op thread per rank: ranks share the cores, oversubscription only slows everyone down.
         OMP_NUM_THREADS="1",
     )
-    import torch
-
     torch.set_num_threads(1)
     try:
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Ship the result as bytes: tensors sent as-is travel through shared memory that vanishes when this
+        # process exits, before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report any failure (assertions included) to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,8 +76,6 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
         p.start()
     results: dict = {}
     errors: List[str] = []
-    import time
-
     deadline = time.monotonic() + timeout_s
     while len(results) + len(errors) < world_size:
         if time.monotonic() > deadline:
@@ -86,7 +89,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
             continue
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
             break  # the other ranks are likely blocked in a collective; don't wait for them
