@@ -15,17 +15,28 @@ the sum of rescaled partition functions together with the owned target logit), i
 
 Backward: ``d logp / d x = onehot(target) - softmax(x)`` on the local shard, recomputed chunk by chunk from the
 saved logits and the saved global logsumexp, written straight into the gradient buffer in the logits' dtype.
+
+Backends: on CUDA (when Triton is usable) the local logsumexp / target logit and the gradient come from fused
+Triton kernels (``triton_logprobs``) that accumulate in fp32 registers while reading the logits once per pass,
+so ``chunk_size`` is unused and the only temporaries are ``[tokens]`` vectors; elsewhere the chunked torch code
+above runs. The tensor-parallel
+combine is the same Python code for both. ``backend=`` or the ``MEGATRON_OFFGRPO_LOGPROBS_BACKEND`` environment
+variable (``auto`` | ``torch`` | ``triton``) forces one, e.g. to compare them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_logprobs", "default_chunk_size", "resolve_tp_group"]
+__all__ = ["vocab_parallel_logprobs", "default_chunk_size", "resolve_tp_group", "BACKEND_ENV"]
+
+BACKEND_ENV = "MEGATRON_OFFGRPO_LOGPROBS_BACKEND"
+_BACKENDS = ("auto", "torch", "triton")
 
 # Auto chunking targets ~2^25 fp32 elements (128 MiB) of temporaries per chunk: large enough that the per-chunk
 # overhead is negligible at Qwen's 152k vocabulary, small enough to be a rounding error next to the model.
@@ -57,6 +68,29 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(n, start + chunk_size)
 
 
+def _use_triton(logits: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether the Triton kernels run: ``backend`` (else the environment variable, else ``auto``) decides."""
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in _BACKENDS:
+        raise ValueError(f"logprobs backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+        return False
+    from . import triton_logprobs  # only now: Triton itself is imported on the first kernel call
+
+    available = logits.is_cuda and triton_logprobs.is_available()
+    if backend == "triton" and not available:
+        raise RuntimeError("logprobs backend 'triton' needs CUDA logits and an importable Triton")
+    return available
+
+
+def _local_targets(targets: torch.Tensor, vocab_start: int, v_local: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Target ids relative to this rank's slice, clamped in bounds, and whether this rank owns each one."""
+    local_targets = targets - vocab_start
+    owned = (local_targets >= 0) & (local_targets < v_local)
+    # Clamp so that gathers / scatters are always in bounds; non-owned positions are zeroed by the callers.
+    return local_targets.clamp(0, v_local - 1), owned
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     """Autograd function over flattened ``[N, V_local]`` logits and ``[N]`` global target ids."""
 
@@ -67,22 +101,30 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         targets: torch.Tensor,
         tp_group: Optional[dist.ProcessGroup],
         chunk_size: int,
+        use_triton: bool,
     ) -> torch.Tensor:
         n, v_local = logits.shape
         rank = dist.get_rank(tp_group) if tp_group is not None else 0
         vocab_start = rank * v_local
-        local_targets = targets - vocab_start
-        owned = (local_targets >= 0) & (local_targets < v_local)
-        # Clamp so the gather is always in bounds; non-owned positions are zeroed below.
-        local_targets = local_targets.clamp(0, v_local - 1)
 
-        local_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        target_logit = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for s, e in _chunks(n, chunk_size):
-            chunk = logits[s:e].float()  # fp32 copy of one chunk only
-            local_lse[s:e] = torch.logsumexp(chunk, dim=-1)
-            target_logit[s:e] = chunk.gather(-1, local_targets[s:e, None]).squeeze(-1)
-        target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+        if use_triton:
+            from . import triton_logprobs
+
+            # The kernels need unit stride along the vocabulary (rows may be strided). Copy only if it is not,
+            # here rather than in each kernel call, so that backward reuses the saved copy.
+            if logits.stride(-1) != 1:
+                logits = logits.contiguous()
+            # Already 0 where another rank owns the target.
+            local_lse, target_logit = triton_logprobs.local_logsumexp_and_target(logits, targets, vocab_start)
+        else:
+            local_targets, owned = _local_targets(targets, vocab_start, v_local)
+            local_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+            target_logit = torch.empty(n, dtype=torch.float32, device=logits.device)
+            for s, e in _chunks(n, chunk_size):
+                chunk = logits[s:e].float()  # fp32 copy of one chunk only
+                local_lse[s:e] = torch.logsumexp(chunk, dim=-1)
+                target_logit[s:e] = chunk.gather(-1, local_targets[s:e, None]).squeeze(-1)
+            target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
 
         if tp_group is None:
             lse = local_lse
@@ -95,16 +137,25 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             lse = global_max + torch.log(partial[0])
             target_logit = partial[1]
 
-        ctx.save_for_backward(logits, local_targets, owned, lse)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.vocab_start = vocab_start
         ctx.chunk_size = chunk_size
+        ctx.use_triton = use_triton
         return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        logits, local_targets, owned, lse = ctx.saved_tensors
+        logits, targets, lse = ctx.saved_tensors
+        if ctx.use_triton:
+            from . import triton_logprobs
+
+            grad_logits = triton_logprobs.logits_grad(logits, targets, ctx.vocab_start, lse, grad_output)
+            return grad_logits, None, None, None, None
+
+        n, v_local = logits.shape
+        local_targets, owned = _local_targets(targets, ctx.vocab_start, v_local)
         grad_output = grad_output.float()
         grad_logits = torch.empty_like(logits)
-        n = logits.shape[0]
         owned_grad = torch.where(owned, grad_output, torch.zeros_like(grad_output))
         for s, e in _chunks(n, ctx.chunk_size):
             # -g * softmax(x), computed in place on an fp32 *copy* of the chunk to keep one temporary per chunk
@@ -114,7 +165,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             # + g * onehot(target), only on the rank that owns the target id.
             chunk.scatter_add_(-1, local_targets[s:e, None], owned_grad[s:e, None])
             grad_logits[s:e].copy_(chunk)
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -122,6 +173,7 @@ def vocab_parallel_logprobs(
     targets: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Log-probabilities of ``targets`` under vocab-parallel ``logits``, in fp32.
 
@@ -131,7 +183,9 @@ def vocab_parallel_logprobs(
         tp_group: the tensor-parallel group the vocabulary is sharded over. ``None`` uses Megatron's TP group
             when ``parallel_state`` is initialized, else treats ``logits`` as the full vocabulary.
         chunk_size: tokens processed at once (bounds the extra memory); ``None`` picks about 128 MiB of fp32
-            temporaries per chunk.
+            temporaries per chunk. Only the torch backend chunks; the Triton kernels need no temporaries.
+        backend: ``"auto"`` (Triton kernels for CUDA logits when Triton is usable, else torch), ``"torch"`` or
+            ``"triton"``; ``None`` reads ``MEGATRON_OFFGRPO_LOGPROBS_BACKEND`` and defaults to ``"auto"``.
 
     Returns:
         fp32 ``[...]`` log-probabilities, differentiable w.r.t. ``logits`` (the gradient has ``logits.dtype``).
@@ -158,5 +212,6 @@ def vocab_parallel_logprobs(
             f"target ids must lie in [0, {v_local * world}) (local vocab {v_local} x tp {world}); got "
             f"[{int(flat_targets.min())}, {int(flat_targets.max())}]. Mask padding with a valid id such as 0."
         )
-    out = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, int(chunk_size))
+    use_triton = _use_triton(flat_logits, backend)
+    out = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, int(chunk_size), use_triton)
     return out.reshape(lead_shape)
