@@ -18,6 +18,8 @@ setup(
         "tqdm",
         "rich",
         "safetensors",
+        # Megatron dist_checkpointing (torch_dist) save workers need it; without it a save deadlocks.
+        "psutil",
         "transformers>=4.51",
         "datasets",
         "pyarrow",

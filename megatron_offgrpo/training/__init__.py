@@ -1,1 +1,1 @@
-
+"""Training: setup (process groups, model, optimizer), the step and its loss, checkpoints, logging, the loop."""

@@ -21,8 +21,8 @@ CUDA:
   own dropout/init stream, exactly as on GPU;
 * ``Tensor.type()`` (no arguments) answers with the CUDA type name, since Megatron's optimizers recognise fp32
   parameters and grads by the string ``"torch.cuda.FloatTensor"``;
-* ``torch.cuda.synchronize`` / ``torch.cuda.Stream`` / ``torch.cuda.current_stream`` become harmless stubs
-  (DDP and the schedules call them for overlap that cannot happen on CPU).
+* ``torch.cuda.synchronize`` / ``Stream`` / ``current_stream`` / ``Event`` become harmless stubs (DDP, the
+  schedules and the MoE all-to-all dispatcher call them to order work that is synchronous on CPU).
 
 It is **inert when CUDA is available**: :func:`enable_cpu_backend` then returns ``False`` and changes nothing,
 so importing it in production code is safe. It is meant for gloo process groups with the local layer spec
@@ -83,7 +83,30 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):
+            # Megatron pins small host tensors before a non-blocking copy to the GPU (e.g. the CP slice of the
+            # rotary embedding); without an accelerator there is no pinned allocator, and nothing to overlap.
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``: CPU work has already happened when the event is recorded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 class _NullStream:
@@ -98,8 +121,8 @@ class _NullStream:
     def wait_event(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def record_event(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def record_event(self, *args: Any, **kwargs: Any) -> _NullEvent:
+        return _NullEvent()
 
     def synchronize(self) -> None:
         pass
@@ -156,6 +179,7 @@ def enable_cpu_backend() -> bool:
     torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
     torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.Event = _NullEvent  # type: ignore[assignment,misc]
     _patch_rng_tracker()
 
     _MODE = _CudaToCpuMode()

@@ -1,0 +1,307 @@
+"""One optimizer step's data and loss: microbatches with global denominators, the forward step, metric sums.
+
+Scaling contract with Megatron-Core's schedules (mcore 0.16, 2-tuple loss functions): the schedule multiplies a
+microbatch's loss by ``cp`` and divides it by ``num_microbatches``; DDP then scales gradients by
+``1 / (dp * cp)``. Our microbatch losses already carry the *global* denominators (DESIGN 3), so that the plain
+sum of all microbatch losses over all DP / CP ranks is the step's loss; multiplying each by
+``dp * num_microbatches`` makes Megatron's scalings cancel and the gradient is exactly that of the global loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_offgrpo.config.schema import TrainConfig
+from megatron_offgrpo.losses import (
+    group_advantages,
+    group_statistics,
+    policy_loss,
+    split_for_context_parallel,
+    split_packed_for_context_parallel,
+    vocab_parallel_logprobs,
+)
+
+# Order of the per-step metric sums (one float64 vector, reduced once per step).
+METRIC_SUMS = (
+    "loss",  # sum of microbatch losses (global denominators) = the step's loss
+    "kl_sum",
+    "clip_count",
+    "prob_sum",
+    "tokens",  # response tokens that entered the loss
+    "logprob_pos_sum",
+    "tokens_pos",
+    "logprob_neg_sum",
+    "tokens_neg",
+)
+# Per-step batch statistics, from the batch metadata, reduced over DP before the forward passes.
+BATCH_STATS = ("sequences", "positive_sequences", "response_tokens", "positive_response_tokens", "groups",
+               "all_positive_groups", "all_negative_groups", "advantage_sum", "all_tokens")
+
+
+@dataclass
+class Microbatch:
+    """One microbatch on this rank, already split for context parallelism."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    sequence_token_counts: torch.Tensor
+    arrays: Dict[str, torch.Tensor]
+    # Packing (data.packing): tokens / position_ids / labels are one THD row [1, t_local]; loss_mask and arrays are
+    # unpacked to [B, n_max] (one row per sequence, so that the loss core's per-row normalisation stays per
+    # sequence); `unpack_index` [B, n_max] maps those rows back into the flat local row.
+    packed_seq: Optional[Dict[str, torch.Tensor]] = None
+    unpack_index: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StepBatch:
+    """What one optimizer step consumes on this rank, and the global denominators."""
+
+    microbatches: List[Microbatch]
+    num_sequences: float  # N_seq of the global batch (positive ones for sft)
+    num_tokens: float  # response tokens of the global batch (of positive sequences for sft)
+    stats: Dict[str, float]
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tensor, rewards: torch.Tensor,
+                       pad_token_id: int, cp_size: int, cp_rank: int) -> Microbatch:
+    """One packed (THD) microbatch on this CP rank; see :class:`Microbatch` for the layout.
+
+    Each sequence is aligned to ``2*cp`` inside the pack and split on its own (Megatron / TE's THD CP layout), so
+    sequence ``i`` holds the local rows ``cu[i] // cp : cu[i+1] // cp`` on every CP rank.
+    """
+    from megatron_offgrpo.data import collate_pack
+
+    batch = collate_pack(samples, pad_token_id=pad_token_id, pad_to_multiple_of=2 * cp_size if cp_size > 1 else 1)
+    cu = batch["cu_seqlens"]
+    split = partial(split_packed_for_context_parallel, cu_seqlens_padded=cu, cp_size=cp_size, cp_rank=cp_rank)
+    local_bounds = (cu // cp_size).tolist()
+    lengths = [b - a for a, b in zip(local_bounds[:-1], local_bounds[1:])]
+    n_max = max(lengths)
+    index = torch.zeros(len(samples), n_max, dtype=torch.int64)
+    valid = torch.zeros(len(samples), n_max, dtype=torch.bool)
+    for i, (a, n) in enumerate(zip(local_bounds[:-1], lengths)):
+        index[i, :n] = torch.arange(a, a + n)
+        valid[i, :n] = True
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        # [1, t_local] -> [B, n_max], zeros outside each sequence (masked out of the loss anyway).
+        return torch.where(valid, split(x)[0][index], torch.zeros((), dtype=x.dtype))
+
+    return Microbatch(
+        tokens=split(batch["tokens"]),
+        position_ids=split(batch["position_ids"]),
+        labels=split(batch["labels"]),
+        loss_mask=unpack(batch["loss_mask"]),
+        advantages=advantages,
+        rewards=rewards,
+        # Full per-sequence response counts, before the CP split (DESIGN 4: never the per-rank counts).
+        sequence_token_counts=batch["num_response_tokens"].to(torch.float32),
+        arrays={k: unpack(batch[k]) for k in ("ref_logp", "teacher_logp", "old_logp") if k in batch},
+        packed_seq={"cu_seqlens": batch["cu_seqlens_unpadded"], "cu_seqlens_padded": cu,
+                    "max_seqlen": int(batch["max_seqlen"])},
+        unpack_index=index,
+    )
+
+
+def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_size: int, cp_rank: int) -> StepBatch:
+    """Collate this DP rank's whole groups into microbatches and compute advantages and global denominators.
+
+    Advantages are computed over the rank's local batch: the sampler gives each DP rank whole groups, so the
+    group statistics are exact locally. Denominators come from one all-reduce of the batch metadata over DP.
+    """
+    from megatron_offgrpo.data import collate_pad
+
+    d, loss = cfg.data, cfg.loss
+    rewards = torch.tensor([float(s["reward"]) for s in samples])
+    group_ids = torch.tensor([int(s["group_id"]) for s in samples])
+    advantages = group_advantages(rewards, group_ids, all_positive_bias=loss.all_positive_bias, std=loss.std,
+                                  eps=loss.eps)
+    too_long = [i for i, s in enumerate(samples) if s["tokens"].numel() > d.seq_length]
+    if too_long:
+        s = samples[too_long[0]]
+        raise ValueError(
+            f"sequence of group {s['group_id']} rollout {s['rollout_index']} has {s['tokens'].numel()} tokens > "
+            f"data.seq_length={d.seq_length}: rebuild the dataset with --max-seq-len {d.seq_length} or raise "
+            f"data.seq_length"
+        )
+
+    # Pipeline stages exchange activations of a fixed shape, so PP pads every microbatch to data.seq_length;
+    # without PP a microbatch is padded only to its longest sequence (a multiple of 2*cp for the CP split).
+    fixed_length = d.seq_length if cfg.parallel.pp > 1 else None
+    multiple = 1 if fixed_length else (2 * cp_size if cp_size > 1 else 8)
+    microbatches: List[Microbatch] = []
+    for start in range(0, len(samples), d.micro_batch_size):
+        rows = slice(start, start + d.micro_batch_size)
+        if d.packing:
+            microbatches.append(_packed_microbatch(samples[rows], advantages[rows], rewards[rows], d.pad_token_id,
+                                                   cp_size, cp_rank))
+            continue
+        batch = collate_pad(samples[rows], pad_token_id=d.pad_token_id, max_len=fixed_length,
+                            pad_to_multiple_of=multiple)
+        # Full per-sequence response counts, before the CP split (DESIGN 4: never the per-rank counts).
+        counts = batch["loss_mask"].sum(dim=-1)
+        split = partial(split_for_context_parallel, cp_size=cp_size, cp_rank=cp_rank)
+        arrays = {k: split(batch[k]) for k in ("ref_logp", "teacher_logp", "old_logp") if k in batch}
+        microbatches.append(
+            Microbatch(
+                tokens=split(batch["tokens"]),
+                position_ids=split(batch["position_ids"]),
+                labels=split(batch["labels"]),
+                loss_mask=split(batch["loss_mask"]),
+                advantages=advantages[rows],
+                rewards=rewards[rows],
+                sequence_token_counts=counts,
+                arrays=arrays,
+            )
+        )
+
+    response_tokens = torch.cat([mb.sequence_token_counts for mb in microbatches])
+    stats_group = group_statistics(rewards, group_ids)
+    all_pos = torch.zeros(stats_group.num_groups, dtype=torch.bool)
+    all_neg = torch.zeros(stats_group.num_groups, dtype=torch.bool)
+    all_pos[stats_group.group_index] = stats_group.all_positive
+    all_neg[stats_group.group_index] = stats_group.all_negative
+    positive = rewards > 0
+    local = torch.tensor(
+        [
+            len(samples),
+            float(positive.sum()),
+            float(response_tokens.sum()),
+            float(response_tokens[positive].sum()),
+            stats_group.num_groups,
+            float(all_pos.sum()),
+            float(all_neg.sum()),
+            float(advantages.sum()),
+            float(sum(s["tokens"].numel() for s in samples)),
+        ],
+        dtype=torch.float64,
+    )
+    if dist.is_initialized():
+        dist.all_reduce(local, group=_dp_group())
+    stats = dict(zip(BATCH_STATS, local.tolist()))
+    if loss.kind == "sft":
+        num_sequences, num_tokens = stats["positive_sequences"], stats["positive_response_tokens"]
+    else:
+        num_sequences, num_tokens = stats["sequences"], stats["response_tokens"]
+    return StepBatch(microbatches, num_sequences, num_tokens, stats)
+
+
+def microbatch_loss(
+    mb: Microbatch,
+    logits: torch.Tensor,
+    cfg: TrainConfig,
+    step: StepBatch,
+    loss_scale: float,
+    cp_rank: int,
+):
+    """Loss of one microbatch from its (vocab-parallel) logits; returns ``(scaled loss, metric sums)``."""
+    loss_cfg = cfg.loss
+    labels = mb.labels.to(logits.device)
+    mask = mb.loss_mask.to(logits.device)
+    logp = vocab_parallel_logprobs(logits, labels, chunk_size=loss_cfg.logprob_chunk_size)
+    if mb.unpack_index is not None:
+        # Packed THD row [1, t] -> one row per sequence [B, n_max] (padding slots are masked by loss_mask).
+        logp = logp[0][mb.unpack_index.to(logp.device)]
+    ref = mb.arrays.get("ref_logp") if loss_cfg.kl_coef > 0 and loss_cfg.kind != "opd" else None
+    old = None
+    advantages = mb.advantages
+    if loss_cfg.kind == "grpo":
+        old = mb.arrays["old_logp"]
+    elif loss_cfg.kind == "opd":
+        # One optimizer step per batch: the policy at the start of the step is the one computing `logp`, so its
+        # detached value *is* old_t (DESIGN 3), recomputed here rather than stored or re-run.
+        old = logp.detach()
+        advantages = mb.arrays["teacher_logp"].to(logp.device) - old
+    elif loss_cfg.kind == "sft":
+        advantages = mb.rewards
+    loss, metrics = policy_loss(
+        logp,
+        mask,
+        advantages.to(logp.device),
+        kind=loss_cfg.kind,
+        ref_logprobs=None if ref is None else ref.to(logp.device),
+        old_logprobs=None if old is None else old.to(logp.device),
+        clip_eps=loss_cfg.clip_eps,
+        kl_coef=loss_cfg.kl_coef,
+        agg=loss_cfg.agg,
+        num_sequences=step.num_sequences,
+        num_tokens=step.num_tokens,
+        sequence_token_counts=mb.sequence_token_counts.to(logp.device),
+        max_response_len=loss_cfg.max_response_len,
+        shaping_gamma=loss_cfg.shaping_gamma,
+    )
+    with torch.no_grad():
+        sel = mask.bool()
+        pos = sel & (mb.rewards.to(sel.device) > 0)[:, None]
+        neg = sel & ~pos
+        lp = logp.detach().double()
+        n_tok = metrics["num_tokens"].double()
+        sums = torch.stack(
+            [
+                loss.detach().double(),
+                metrics["kl_mean"].double() * n_tok,
+                metrics["clip_frac"].double() * n_tok,
+                metrics["prob_mean"].double() * n_tok,
+                n_tok,
+                lp[pos].sum(),
+                pos.sum().double(),
+                lp[neg].sum(),
+                neg.sum().double(),
+            ]
+        ).cpu()
+    return loss * loss_scale, {"sums": sums}
+
+
+def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, cp_rank: int):
+    """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``."""
+
+    def forward_step(data_iterator: Iterator[Microbatch], model):
+        mb = next(data_iterator)
+        device = next(model.parameters()).device
+        if mb.packed_seq is None:
+            output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+        else:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            # Global (pre-CP-split) boundaries, as Transformer Engine and our torch attention expect them; RoPE
+            # restarts per sequence from cu_seqlens_q_padded.
+            cu = mb.packed_seq["cu_seqlens"].to(device)
+            cu_padded = mb.packed_seq["cu_seqlens_padded"].to(device)
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                                     cu_seqlens_kv_padded=cu_padded, max_seqlen_q=mb.packed_seq["max_seqlen"],
+                                     max_seqlen_kv=mb.packed_seq["max_seqlen"])
+            output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
+        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, cp_rank=cp_rank)
+
+    return forward_step
+
+
+def reduce_step_metrics(outputs: List[Dict[str, torch.Tensor]], contributes: bool) -> Dict[str, float]:
+    """Sum the microbatch metric vectors over microbatches and all ranks that ``contribute``.
+
+    Call on every rank (it all-reduces over the world): the last pipeline stage's TP-rank-0 ranks contribute
+    (every DP and CP rank holds a distinct part of the batch); every other rank adds zeros.
+    """
+    total = torch.zeros(len(METRIC_SUMS), dtype=torch.float64)
+    if contributes:
+        for out in outputs:
+            total += out["sums"]
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return dict(zip(METRIC_SUMS, total.tolist()))

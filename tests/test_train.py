@@ -1,0 +1,328 @@
+"""The trainer end to end on CPU (real gloo processes): layout invariance, resume, preemption, learning.
+
+Every run starts from the same initial weights, loaded through the checkpoint path (a TP=1 model checkpoint);
+updated weights are read back from each run's training checkpoint at TP=1, so the comparison crosses layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_offgrpo.config import load_config
+from megatron_offgrpo.utils.distributed import run_on_ranks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "examples", "data", "ot3_sample.jsonl")
+TOKENIZER = os.path.join(REPO, "examples", "tiny_tokenizer")
+TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")  # every run here, in-process or CLI, starts from it
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The shipped sample, built with the real pipeline, plus a synthetic precomputed ref_logp array."""
+    from megatron_offgrpo.data import BuildConfig, TrajectoryDataset, add_per_token_array, build_dataset
+
+    prefix = str(tmp_path_factory.mktemp("data") / "sample")
+    build_dataset(BuildConfig([SAMPLE], TOKENIZER, prefix, max_seq_len=384, domain="math", progress=False))
+    ds = TrajectoryDataset(prefix)
+    rng = np.random.default_rng(0)
+    arrays = [(-4.0 - rng.random(n)).astype(np.float32) for n in ds.sequence_lengths]
+    add_per_token_array(prefix, "ref_logp", arrays, {"model": "synthetic-reference"})
+    return prefix
+
+
+def _overrides(dataset, tmp, name, **extra):
+    base = {
+        "name": name,
+        "train_steps": 1,
+        "model.transformer_impl": "local",
+        "data.train_prefix": dataset,
+        "data.groups_per_batch": 2,
+        "data.group_size": 4,
+        "data.micro_batch_size": 8,
+        "data.seq_length": 384,
+        "data.pad_token_id": 257,
+        "loss.kl_coef": 0.1,
+        "optimizer.lr": 1e-3,
+        "optimizer.warmup_steps": 0,  # Megatron's warmup starts at lr 0: a 1-step test would not move
+        "checkpoint.dir": os.path.join(tmp, name, "ckpt"),
+        "logging.dir": os.path.join(tmp, name, "logs"),
+        "logging.progress_bar": False,
+        "logging.plot": False,
+    }
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def _train_worker(rank, world, overrides):
+    from megatron_offgrpo.training.loop import train
+
+    result = train(load_config(TINY_YAML, overrides))
+    return {"history": result.history, "checkpoint": result.checkpoint, "stopped_by": result.stopped_by}
+
+
+def _init_checkpoint_worker(rank, world, path):
+    """Random-init tiny model at TP=1, saved as the model checkpoint every run loads."""
+    from megatron_offgrpo.models import save_model_checkpoint, write_checkpoint_metadata
+    from megatron_offgrpo.training.setup import build_architecture, build_training_objects, initialize_distributed
+
+    cfg = load_config(None, ["data.train_prefix=unused", "model.transformer_impl=local"])
+    initialize_distributed(cfg)
+    objs = build_training_objects(cfg)
+    save_model_checkpoint(objs.model[0].module, path)
+    write_checkpoint_metadata(path, build_architecture(cfg), objs.padded_vocab_size)
+
+
+def _read_weights_worker(rank, world, checkpoints, init):
+    """Model weights of each training checkpoint, loaded at TP=1 / PP=1."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_offgrpo.training.setup import build_training_objects, initialize_distributed
+
+    cfg = load_config(None, ["data.train_prefix=unused", "model.transformer_impl=local", f"model.load={init}"])
+    initialize_distributed(cfg)
+    module = build_training_objects(cfg).model[0].module
+    out = {}
+    for path in checkpoints:
+        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+        out[path] = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("init") / "tiny")
+    run_on_ranks(_init_checkpoint_worker, 1, path)
+    return path
+
+
+def test_one_step_is_the_same_under_tp_pp_dp_and_microbatching(dataset, init_checkpoint, tmp_path):
+    tmp = str(tmp_path)
+    layouts = {
+        "base": (1, {}),
+        "micro": (1, {"data.micro_batch_size": 2}),
+        "tp2": (2, {"parallel.tp": 2}),
+        "pp2": (2, {"parallel.pp": 2, "data.micro_batch_size": 4}),
+        "dp2": (2, {"data.micro_batch_size": 2}),
+    }
+    results = {}
+    for name, (world, extra) in layouts.items():
+        # A large Adam eps makes the first update ~linear in the gradient, so fp32 reduction-order noise on
+        # near-zero gradients cannot flip an update's sign (lr * g / (|g| + eps) with the default eps can).
+        overrides = _overrides(dataset, tmp, name, **{"model.load": init_checkpoint, "optimizer.adam_eps": 1e-3,
+                                                      **extra})
+        results[name] = run_on_ranks(_train_worker, world, overrides)[0]
+    weights = run_on_ranks(_read_weights_worker, 1, [r["checkpoint"] for r in results.values()], init_checkpoint)[0]
+    initial = run_on_ranks(_read_weights_worker, 1, [init_checkpoint], init_checkpoint)[0][init_checkpoint]
+
+    base = results["base"]["history"][0]
+    base_w = weights[results["base"]["checkpoint"]]
+    assert base["loss"] != 0 and base["kl"] > 0
+    for name, r in results.items():
+        h = r["history"][0]
+        for key in ("loss", "kl", "clip_frac", "logprob_pos", "logprob_neg", "grad_norm"):
+            assert abs(h[key] - base[key]) <= 1e-5 * max(1.0, abs(base[key])), (name, key, h[key], base[key])
+        w = weights[r["checkpoint"]]
+        assert w.keys() == base_w.keys()
+        for k in base_w:
+            diff = (w[k] - base_w[k]).abs()
+            assert torch.allclose(w[k], base_w[k], rtol=1e-5, atol=1e-6), (name, k, diff.max().item(),
+                                                                             int((diff > 1e-6).sum()), diff.numel())
+    moved = sum(float((base_w[k] - initial[k]).abs().max()) > 0 for k in base_w)
+    assert moved == len(base_w)  # the step changed every tensor
+
+
+def _read_jsonl(path):
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            by_step[row["step"]] = row  # a resumed run re-logs steps after its checkpoint: keep the last
+    return by_step
+
+
+def _cli(overrides, **kw):
+    return subprocess.Popen([sys.executable, "-m", "megatron_offgrpo.train", TINY_YAML, *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _latest(ckpt_dir):
+    path = os.path.join(ckpt_dir, "latest")
+    return open(path).read().strip() if os.path.exists(path) else None
+
+
+def test_killed_run_resumes_bit_identically_and_mismatch_is_refused(dataset, tmp_path):
+    tmp = str(tmp_path)
+    steps = 8
+    (full,) = run_on_ranks(_train_worker, 1, _overrides(dataset, tmp, "full", train_steps=steps))
+    expected = {h["step"]: h["loss"] for h in full["history"]}
+
+    overrides = _overrides(dataset, tmp, "killed", train_steps=steps, **{"checkpoint.save_interval": 2})
+    ckpt_dir = os.path.join(tmp, "killed", "ckpt")
+    proc = _cli(overrides)
+    _wait_for(lambda: _latest(ckpt_dir) is not None, proc)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    saved = int(_latest(ckpt_dir).split("_")[1])
+    assert saved < steps
+    proc = _cli(overrides)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resumed from {ckpt_dir}/iter_{saved:07d}" in out
+    logged = _read_jsonl(os.path.join(tmp, "killed", "logs", "metrics.jsonl"))
+    for s in range(saved + 1, steps + 1):
+        assert logged[s]["loss"] == expected[s], (s, logged[s]["loss"], expected[s])  # bit-identical
+
+    # The same checkpoint continues under another layout (TP=2), with the same losses up to fp32 noise.
+    other = _overrides(dataset, tmp, "killed", train_steps=steps + 1, **{"parallel.tp": 2})
+    (res, _) = run_on_ranks(_train_worker, 2, other)
+    assert res["history"][0]["step"] == steps + 1
+
+    # A checkpoint of another run (different batch geometry) is refused, naming the field.
+    bad = _overrides(dataset, tmp, "killed", train_steps=steps + 2, **{"data.groups_per_batch": 4})
+    proc = subprocess.run([sys.executable, "-m", "megatron_offgrpo.train", TINY_YAML, *bad], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "data.groups_per_batch" in proc.stderr + proc.stdout
+
+
+def test_sigterm_saves_a_loadable_checkpoint(dataset, tmp_path):
+    tmp = str(tmp_path)
+    overrides = _overrides(dataset, tmp, "preempted", train_steps=100000)
+    metrics = os.path.join(tmp, "preempted", "logs", "metrics.jsonl")
+    proc = _cli(overrides)
+    _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step" in out and "(signal)" in out
+    saved = int(_latest(os.path.join(tmp, "preempted", "ckpt")).split("_")[1])
+    assert saved >= 2
+    (res,) = run_on_ranks(_train_worker, 1, _overrides(dataset, tmp, "preempted", train_steps=saved + 1))
+    assert [h["step"] for h in res["history"]] == [saved + 1]
+
+
+def test_all_positive_bias_changes_advantages_only_on_all_positive_groups(dataset):
+    from megatron_offgrpo.data import TrajectoryDataset
+    from megatron_offgrpo.losses import group_statistics
+    from megatron_offgrpo.training.step import build_step_batch
+
+    ds = TrajectoryDataset(dataset)
+    groups = list(ds.groups().values())[:6]
+    samples = [ds[i] for g in groups for i in g[:4]]
+    adv = {}
+    for b in (0.0, 0.5):
+        cfg = load_config(None, [f"data.train_prefix={dataset}", f"loss.all_positive_bias={b}",
+                                 "data.micro_batch_size=4", "data.seq_length=384"])
+        adv[b] = torch.cat([mb.advantages for mb in build_step_batch(samples, cfg, 1, 0).microbatches])
+    rewards = torch.tensor([s["reward"] for s in samples])
+    all_pos = group_statistics(rewards, torch.tensor([s["group_id"] for s in samples])).all_positive
+    assert all_pos.any() and (~all_pos).any()
+    assert torch.equal(adv[0.5] - adv[0.0], 0.5 * all_pos.float())
+
+
+@pytest.fixture(scope="module")
+def contrast_dataset(tmp_path_factory):
+    """Groups whose positive and negative responses use disjoint tokens, so the method's effect is measurable.
+
+    (On the shipped sample, right and wrong rollouts share almost every token; a tiny model's per-token averages
+    then move together.)
+    """
+    from megatron_offgrpo.data import TrajectoryDatasetWriter
+    from megatron_offgrpo.data.writer import SequenceRecord
+
+    prefix = str(tmp_path_factory.mktemp("contrast") / "contrast")
+    rng = np.random.default_rng(0)
+    with TrajectoryDatasetWriter(prefix, vocab_size=261) as writer:
+        for g in range(16):
+            prompt = [258, *rng.integers(97, 123, size=6)]  # <|im_start|> + a lowercase "problem"
+            rollouts = []
+            for i in range(8):
+                positive = i % 2 == 0
+                alphabet = (48, 58) if positive else (65, 75)  # digits vs capitals
+                response = list(rng.integers(*alphabet, size=10)) + [256]
+                rollouts.append(SequenceRecord(np.array(prompt + response), len(prompt), float(positive), i))
+            writer.add_group({"problem_id": f"p{g}"}, rollouts)
+        writer.commit()
+    return prefix
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_short_training_raises_positive_and_not_negative_trajectories(contrast_dataset, tmp_path, clip_eps):
+    tmp = str(tmp_path)
+    overrides = _overrides(contrast_dataset, tmp, "learn", train_steps=30, **{
+        "optimizer.lr": 1e-3, "loss.kl_coef": 0.0, "loss.clip_eps": clip_eps, "data.groups_per_batch": 4,
+        "data.group_size": 8, "data.seq_length": 32, "data.valid_prefix": contrast_dataset,
+        "validation.interval": 30, "validation.batches": 4, "checkpoint.dir": None, "logging.plot": True})
+    run_on_ranks(_train_worker, 1, overrides)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(tmp, "learn", "logs"))
+    events.Reload()
+    pos = [e.value for e in events.Scalars("valid/logprob_pos")]  # validation at step 0 and step 30
+    neg = [e.value for e in events.Scalars("valid/logprob_neg")]
+    assert len(pos) == 2 and len(neg) == 2
+    assert pos[1] > pos[0] + 1.0, pos  # positive trajectories became much more likely
+    if clip_eps is None:
+        assert neg[1] < neg[0], neg  # no clip: negatives are pushed down
+    else:
+        # max(p, 1 - eps) blocks the push-down of negatives the model does not yet favour (p < 0.8): they must
+        # not rise with the positives; only shared parameters move them at all.
+        assert neg[1] - neg[0] < 0.25 * (pos[1] - pos[0]), (pos, neg)
+    assert os.path.exists(os.path.join(tmp, "learn", "logs", "curves.png"))
+
+
+def _score_worker(rank, world, overrides, prefix):
+    from megatron_offgrpo.training.scoring import score_dataset
+
+    return score_dataset(load_config(TINY_YAML, overrides), prefix)
+
+
+def test_precomputed_reference_is_the_initial_policy(dataset, init_checkpoint, tmp_path):
+    """Scoring the data with the initial model gives ref_logp such that the first step's KL is exactly ~0.
+
+    That pins the alignment (entry j is log p(token_j | tokens_<j)) against the trainer's own label shift: an
+    off-by-one would give a large KL. The scores are also the same at TP=2.
+    """
+    import shutil
+
+    from megatron_offgrpo.data import TrajectoryDataset, add_per_token_array
+
+    prefix = str(tmp_path / "scored")
+    for suffix in (".bin", ".idx", ".json", ".meta.parquet", ".meta.groups.parquet"):
+        shutil.copy(dataset + suffix, prefix + suffix)
+    with open(prefix + ".json") as f:  # drop the synthetic ref_logp of the shared fixture
+        manifest = json.load(f)
+    manifest["per_token_arrays"] = {}
+    with open(prefix + ".json", "w") as f:
+        json.dump(manifest, f)
+    overrides = [f"model.load={init_checkpoint}", "model.transformer_impl=local", "data.micro_batch_size=16",
+                 "data.seq_length=384", "data.pad_token_id=257"]
+    (scores,) = run_on_ranks(_score_worker, 1, overrides, prefix)
+    scores_tp2 = run_on_ranks(_score_worker, 2, overrides + ["parallel.tp=2"], prefix)[0]
+    ds = TrajectoryDataset(prefix)
+    assert sorted(scores) == list(range(len(ds))) == sorted(scores_tp2)
+    for i in range(0, len(ds), 37):
+        assert scores[i].shape == (len(ds[i]["tokens"]),) and scores[i][0] == 0.0
+        assert np.allclose(scores[i], scores_tp2[i], rtol=1e-5, atol=1e-5)
+        assert (scores[i][1:] < 0).all()
+    add_per_token_array(prefix, "ref_logp", [scores[i] for i in range(len(ds))], {"model": "init"})
+    (res,) = run_on_ranks(_train_worker, 1, _overrides(prefix, str(tmp_path), "kl0", **{
+        "model.load": init_checkpoint, "loss.kl_coef": 0.1}))
+    assert 0 <= res["history"][0]["kl"] < 1e-9, res["history"][0]["kl"]
