@@ -26,13 +26,19 @@ TOKENIZER = os.path.join(REPO, "examples", "tiny_tokenizer")
 TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")  # every run here, in-process or CLI, starts from it
 
 
+def _build_sample(prefix):
+    from megatron_offgrpo.data import BuildConfig, build_dataset
+
+    build_dataset(BuildConfig([SAMPLE], TOKENIZER, prefix, max_seq_len=384, domain="math", progress=False))
+    return prefix
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """The shipped sample, built with the real pipeline, plus a synthetic precomputed ref_logp array."""
-    from megatron_offgrpo.data import BuildConfig, TrajectoryDataset, add_per_token_array, build_dataset
+    from megatron_offgrpo.data import TrajectoryDataset, add_per_token_array
 
-    prefix = str(tmp_path_factory.mktemp("data") / "sample")
-    build_dataset(BuildConfig([SAMPLE], TOKENIZER, prefix, max_seq_len=384, domain="math", progress=False))
+    prefix = _build_sample(str(tmp_path_factory.mktemp("data") / "sample"))
     ds = TrajectoryDataset(prefix)
     rng = np.random.default_rng(0)
     arrays = [(-4.0 - rng.random(n)).astype(np.float32) for n in ds.sequence_lengths]
@@ -294,24 +300,15 @@ def _score_worker(rank, world, overrides, prefix):
     return score_dataset(load_config(TINY_YAML, overrides), prefix)
 
 
-def test_precomputed_reference_is_the_initial_policy(dataset, init_checkpoint, tmp_path):
+def test_precomputed_reference_is_the_initial_policy(init_checkpoint, tmp_path):
     """Scoring the data with the initial model gives ref_logp such that the first step's KL is exactly ~0.
 
     That pins the alignment (entry j is log p(token_j | tokens_<j)) against the trainer's own label shift: an
     off-by-one would give a large KL. The scores are also the same at TP=2.
     """
-    import shutil
-
     from megatron_offgrpo.data import TrajectoryDataset, add_per_token_array
 
-    prefix = str(tmp_path / "scored")
-    for suffix in (".bin", ".idx", ".json", ".meta.parquet", ".meta.groups.parquet"):
-        shutil.copy(dataset + suffix, prefix + suffix)
-    with open(prefix + ".json") as f:  # drop the synthetic ref_logp of the shared fixture
-        manifest = json.load(f)
-    manifest["per_token_arrays"] = {}
-    with open(prefix + ".json", "w") as f:
-        json.dump(manifest, f)
+    prefix = _build_sample(str(tmp_path / "scored"))
     overrides = [f"model.load={init_checkpoint}", "model.transformer_impl=local", "data.micro_batch_size=16",
                  "data.seq_length=384", "data.pad_token_id=257"]
     (scores,) = run_on_ranks(_score_worker, 1, overrides, prefix)

@@ -1,7 +1,13 @@
 """The loss core: per-token log-probs on vocab-parallel logits, group advantages, and the policy losses."""
 
 from .advantages import GroupStatistics, group_advantages, group_statistics, opd_advantages
-from .context_parallel import cp_chunk_indices, cp_sequence_token_counts, split_for_context_parallel
+from .context_parallel import (
+    cp_chunk_indices,
+    cp_sequence_token_counts,
+    packed_cp_indices,
+    split_for_context_parallel,
+    split_packed_for_context_parallel,
+)
 from .logprobs import vocab_parallel_logprobs
 from .policy import LOSS_AGGREGATIONS, LOSS_KINDS, aggregate_token_loss, per_token_policy_loss, policy_loss
 
@@ -18,5 +24,7 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "cp_chunk_indices",
     "split_for_context_parallel",
+    "packed_cp_indices",
+    "split_packed_for_context_parallel",
     "cp_sequence_token_counts",
 ]

@@ -15,7 +15,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["cp_chunk_indices", "split_for_context_parallel", "cp_sequence_token_counts"]
+__all__ = [
+    "cp_chunk_indices",
+    "split_for_context_parallel",
+    "packed_cp_indices",
+    "split_packed_for_context_parallel",
+    "cp_sequence_token_counts",
+]
 
 
 def cp_chunk_indices(seq_len: int, cp_size: int, cp_rank: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -43,6 +49,38 @@ def split_for_context_parallel(tensor: torch.Tensor, cp_size: int, cp_rank: int,
     if cp_size == 1:
         return tensor
     index = cp_chunk_indices(tensor.shape[seq_dim], cp_size, cp_rank, device=tensor.device)
+    return tensor.index_select(seq_dim, index)
+
+
+def packed_cp_indices(
+    cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Positions in a packed THD row of the tokens CP rank ``cp_rank`` holds, in its local order.
+
+    Each packed sequence ``i`` (padded boundaries ``cu_seqlens_padded[i]:cu_seqlens_padded[i+1]``) is split on its
+    own into ``2*cp`` chunks, as Megatron / Transformer Engine do for THD: the rank's local row is, sequence after
+    sequence, that sequence's chunks ``r`` and ``2cp-1-r``. So sequence ``i`` occupies the local range
+    ``cu_seqlens_padded[i] // cp : cu_seqlens_padded[i+1] // cp`` on every rank.
+    """
+    bounds = [int(x) for x in cu_seqlens_padded.tolist()]
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        parts.append(start + cp_chunk_indices(end - start, cp_size, cp_rank, device=device))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat(parts)
+
+
+def split_packed_for_context_parallel(
+    tensor: torch.Tensor, cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1
+) -> torch.Tensor:
+    """This CP rank's part of a packed ``[1, S, ...]`` tensor: every sequence split on its own (see above)."""
+    if cp_size == 1:
+        return tensor
+    if int(cu_seqlens_padded[-1]) != tensor.shape[seq_dim]:
+        raise ValueError(f"cu_seqlens end at {int(cu_seqlens_padded[-1])} but the packed row has "
+                         f"{tensor.shape[seq_dim]} tokens")
+    index = packed_cp_indices(cu_seqlens_padded, cp_size, cp_rank, device=tensor.device)
     return tensor.index_select(seq_dim, index)
 
 

@@ -22,6 +22,7 @@ from megatron_offgrpo.training.setup import (
     peak_memory_gib,
 )
 from megatron_offgrpo.training.step import StepBatch, build_step_batch, make_forward_step, reduce_step_metrics
+from megatron_offgrpo.utils.distributed import all_reduce_cpu
 
 __all__ = ["TrainResult", "train", "run_step"]
 
@@ -53,9 +54,7 @@ class _StopFlag:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (so that all ranks take the same branch)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = all_reduce_cpu(torch.tensor([1.0 if flag else 0.0]), op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -158,6 +157,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     n_params = model_parallel_sum(sum(p.numel() for c in objs.model for p in c.parameters()))
     arch = objs.arch
+    # Matmul parameters for the FLOP estimate: the input embedding is a lookup unless it is tied to the output.
+    flop_params = n_params - (0 if arch.tie_word_embeddings else objs.padded_vocab_size * arch.hidden_size)
     logger = MetricsLogger(cfg, rank0, start_step)
     logger.info(
         f"{cfg.name}: {n_params / 1e6:.2f}M parameters, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         attn = 6 * arch.num_layers * arch.num_attention_heads * arch.head_dim * cfg.data.seq_length
         metrics.update(
             tokens_per_s=tokens / seconds,
-            tflops=(6 * n_params + attn) * tokens / seconds / 1e12,
+            tflops=(6 * flop_params + attn) * tokens / seconds / 1e12,
             step_seconds=seconds,
             mem_gib=peak_memory_gib(),
             epoch=float(batch_index // max(sampler.batches_per_epoch, 1)),

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_offgrpo.config.schema import TrainConfig
+from megatron_offgrpo.utils.distributed import all_reduce_cpu
 
 
 def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
@@ -43,9 +44,7 @@ def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
     last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
     batches = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
     # Every DP rank must run the same number of pipeline schedules: pad the short ones with a repeat.
-    n_batches = torch.tensor([len(batches)])
-    if dist.is_initialized():
-        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
+    n_batches = all_reduce_cpu(torch.tensor([len(batches)]), op=dist.ReduceOp.MAX)
     real_batches = len(batches)
     batches += [batches[-1]] * (int(n_batches) - len(batches))
     bar = tqdm(batches, desc=f"scoring {prefix}", disable=dist.get_rank() != 0)

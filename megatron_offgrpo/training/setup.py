@@ -191,10 +191,10 @@ def model_parallel_sum(value: float) -> float:
     """Sum of a per-rank number over the TP x PP (model-parallel) group: e.g. the parameter count."""
     from megatron.core import parallel_state as ps
 
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, group=ps.get_model_parallel_group())
-    return float(t.item())
+    from megatron_offgrpo.utils.distributed import all_reduce_cpu
+
+    group = ps.get_model_parallel_group() if dist.is_initialized() else None
+    return float(all_reduce_cpu(torch.tensor([value], dtype=torch.float64), group=group).item())
 
 
 def peak_memory_gib() -> float:

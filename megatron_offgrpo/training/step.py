@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_offgrpo.config.schema import TrainConfig
+from megatron_offgrpo.utils.distributed import all_reduce_cpu
 from megatron_offgrpo.losses import (
     group_advantages,
     group_statistics,
@@ -193,7 +194,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
         dtype=torch.float64,
     )
     if dist.is_initialized():
-        dist.all_reduce(local, group=_dp_group())
+        all_reduce_cpu(local, group=_dp_group())
     stats = dict(zip(BATCH_STATS, local.tolist()))
     if loss.kind == "sft":
         num_sequences, num_tokens = stats["positive_sequences"], stats["positive_response_tokens"]
@@ -302,6 +303,5 @@ def reduce_step_metrics(outputs: List[Dict[str, torch.Tensor]], contributes: boo
     if contributes:
         for out in outputs:
             total += out["sums"]
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    all_reduce_cpu(total)
     return dict(zip(METRIC_SUMS, total.tolist()))

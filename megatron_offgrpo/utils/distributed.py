@@ -19,6 +19,26 @@ import torch
 import torch.multiprocessing as mp
 
 
+def all_reduce_cpu(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce a small host-side tensor (metrics, counts) in place, whatever the backend.
+
+    NCCL only reduces CUDA tensors, so on GPU the values take a round trip through the device; gloo reduces
+    them where they are. A no-op without an initialized process group.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return tensor
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend(group) == "nccl":
+        on_device = tensor.cuda()
+        dist.all_reduce(on_device, op=op, group=group)
+        tensor.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def find_free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
