@@ -111,27 +111,23 @@ def init_checkpoint(tmp_path_factory):
     return path
 
 
-def test_one_step_is_the_same_under_tp_pp_dp_and_microbatching(dataset, init_checkpoint, tmp_path):
-    tmp = str(tmp_path)
-    layouts = {
-        "base": (1, {}),
-        "micro": (1, {"data.micro_batch_size": 2}),
-        "tp2": (2, {"parallel.tp": 2}),
-        "pp2": (2, {"parallel.pp": 2, "data.micro_batch_size": 4}),
-        "dp2": (2, {"data.micro_batch_size": 2}),
-    }
+def run_layouts_and_compare(dataset, init_checkpoint, tmp, layouts, baseline, **common):
+    """One training step per layout (``name -> (world size, overrides)``), all from ``init_checkpoint``; assert
+    that the metrics and every updated weight (read back at TP=1) equal those of the ``baseline`` layout.
+
+    Returns the baseline's updated weights.
+    """
     results = {}
     for name, (world, extra) in layouts.items():
         # A large Adam eps makes the first update ~linear in the gradient, so fp32 reduction-order noise on
         # near-zero gradients cannot flip an update's sign (lr * g / (|g| + eps) with the default eps can).
         overrides = _overrides(dataset, tmp, name, **{"model.load": init_checkpoint, "optimizer.adam_eps": 1e-3,
-                                                      **extra})
+                                                      **common, **extra})
         results[name] = run_on_ranks(_train_worker, world, overrides)[0]
     weights = run_on_ranks(_read_weights_worker, 1, [r["checkpoint"] for r in results.values()], init_checkpoint)[0]
-    initial = run_on_ranks(_read_weights_worker, 1, [init_checkpoint], init_checkpoint)[0][init_checkpoint]
 
-    base = results["base"]["history"][0]
-    base_w = weights[results["base"]["checkpoint"]]
+    base = results[baseline]["history"][0]
+    base_w = weights[results[baseline]["checkpoint"]]
     assert base["loss"] != 0 and base["kl"] > 0
     for name, r in results.items():
         h = r["history"][0]
@@ -143,8 +139,21 @@ def test_one_step_is_the_same_under_tp_pp_dp_and_microbatching(dataset, init_che
             diff = (w[k] - base_w[k]).abs()
             assert torch.allclose(w[k], base_w[k], rtol=1e-5, atol=1e-6), (name, k, diff.max().item(),
                                                                              int((diff > 1e-6).sum()), diff.numel())
-    moved = sum(float((base_w[k] - initial[k]).abs().max()) > 0 for k in base_w)
-    assert moved == len(base_w)  # the step changed every tensor
+    return base_w
+
+
+def test_one_step_is_the_same_under_tp_pp_dp_and_microbatching(dataset, init_checkpoint, tmp_path):
+    layouts = {
+        "base": (1, {}),
+        "micro": (1, {"data.micro_batch_size": 2}),
+        "tp2": (2, {"parallel.tp": 2}),
+        "pp2": (2, {"parallel.pp": 2, "data.micro_batch_size": 4}),
+        "dp2": (2, {"data.micro_batch_size": 2}),
+    }
+    updated = run_layouts_and_compare(dataset, init_checkpoint, str(tmp_path), layouts, "base")
+    initial = run_on_ranks(_read_weights_worker, 1, [init_checkpoint], init_checkpoint)[0][init_checkpoint]
+    moved = sum(float((updated[k] - initial[k]).abs().max()) > 0 for k in updated)
+    assert moved == len(updated)  # the step changed every tensor
 
 
 def _read_jsonl(path):
