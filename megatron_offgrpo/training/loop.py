@@ -65,8 +65,7 @@ def run_step(cfg: TrainConfig, objs, step_batch: StepBatch, forward_only: bool =
 
     dp = ps.get_data_parallel_world_size()
     num_micro = len(step_batch.microbatches)
-    cp_rank = ps.get_context_parallel_rank()
-    forward_step = make_forward_step(cfg, step_batch, loss_scale=float(dp * num_micro), cp_rank=cp_rank)
+    forward_step = make_forward_step(cfg, step_batch, loss_scale=float(dp * num_micro))
     iterators = [iter(step_batch.microbatches) for _ in objs.model]
     data_iterator = iterators if len(objs.model) > 1 else iterators[0]
     if not forward_only:

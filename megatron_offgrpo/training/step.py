@@ -209,7 +209,6 @@ def microbatch_loss(
     cfg: TrainConfig,
     step: StepBatch,
     loss_scale: float,
-    cp_rank: int,
 ):
     """Loss of one microbatch from its (vocab-parallel) logits; returns ``(scaled loss, metric sums)``."""
     loss_cfg = cfg.loss
@@ -269,7 +268,7 @@ def microbatch_loss(
     return loss * loss_scale, {"sums": sums}
 
 
-def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, cp_rank: int):
+def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float):
     """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``."""
 
     def forward_step(data_iterator: Iterator[Microbatch], model):
@@ -288,7 +287,7 @@ def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, cp_r
                                      cu_seqlens_kv_padded=cu_padded, max_seqlen_q=mb.packed_seq["max_seqlen"],
                                      max_seqlen_kv=mb.packed_seq["max_seqlen"])
             output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
-        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, cp_rank=cp_rank)
+        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale)
 
     return forward_step
 
