@@ -11,8 +11,12 @@ from megatron_offgrpo.rewards.equivalence import EquivalenceChecker, VerifierCou
 from megatron_offgrpo.rewards.extraction import (
     boxed_spans,
     extract_final_answer,
+    final_answer_elements,
     final_solution_part,
     normalize_answer_string,
+    rewrite_euler_e,
+    set_literal,
+    set_literal_elements,
 )
 from megatron_offgrpo.rewards.labeling import (
     REJECT_LOW_AGREEMENT,
@@ -38,6 +42,7 @@ __all__ = [
     "ALL_NEGATIVE", "ALL_POSITIVE", "GROUP_TYPES", "MIXED", "REJECT_LOW_AGREEMENT", "REJECT_NO_ANSWER",
     "REJECT_NO_REFERENCE", "EquivalenceChecker", "GroupLabel", "GroupStats", "LabelConfig", "VerifierCounters",
     "VerifierTimeout", "VoteResult", "boxed_spans", "cluster_answers", "compute_group_stats", "extract_final_answer",
-    "final_solution_part", "group_type", "label_group", "label_groups", "majority_vote", "normalize_answer_string",
-    "rewards_against_reference", "time_limit",
+    "final_answer_elements", "final_solution_part", "group_type", "label_group", "label_groups", "majority_vote",
+    "normalize_answer_string", "rewards_against_reference", "rewrite_euler_e", "set_literal", "set_literal_elements",
+    "time_limit",
 ]

@@ -5,6 +5,12 @@ a thread pool it raises, and a framework that swallowed that error scored every 
 owns the timeout instead (``signal.setitimer``, so sub-second budgets work too), refuses to run outside the main
 thread with a clear error, and *counts* every timeout and verifier error. Parallelism therefore means process
 workers (see :mod:`megatron_offgrpo.rewards.labeling`), each running this in its own main thread.
+
+Before math-verify sees an answer, the default parser rewrites upright ``e`` (``\\mathrm{e}``, ``\\operatorname{e}``)
+to Euler's number, which math-verify would otherwise read as a text symbol, and it refuses a *partial* read of a set
+literal: math-verify reads ``\\{\\text{Yes}, 3\\}`` as just ``3`` (or as the bare string ``\\{``, equal to any
+other unreadable set), which would make unrelated set-valued answers (:mod:`.extraction`) equivalent. Such a parse
+is a counted parse error, so only the fast path (sets compared as sorted element strings) can match the answer.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from megatron_offgrpo.rewards.extraction import normalize_answer_string
+from megatron_offgrpo.rewards.extraction import normalize_answer_string, rewrite_euler_e, set_literal_elements
 
 # math-verify warns once that we disabled its internal timeout: that is deliberate (we own the alarm).
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -69,11 +75,30 @@ class VerifierCounters:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _check_whole_set_read(answer: str, parsed: List[Any]) -> None:
+    """Raise when ``answer`` is a set literal of several elements that math-verify did not read as a set of at
+    least as many members (it falls back to the first readable piece instead of failing)."""
+    elements = set_literal_elements(answer)
+    if elements is None:
+        return
+    distinct = len({normalize_answer_string(e) for e in elements})
+    if distinct < 2:
+        return
+    from sympy import FiniteSet
+
+    first = parsed[0] if parsed else None
+    # At least, not exactly: `\pm 1` is one written element and two members.
+    if not (isinstance(first, FiniteSet) and len(first) >= distinct):
+        raise ValueError(f"math-verify read only part of the set literal {answer!r}: {parsed!r}")
+
+
 def _default_parse(answer: str) -> List[Any]:
     from math_verify import parse
 
     # Wrapping in \boxed makes math-verify's LaTeX extractor take the whole answer as one expression.
-    return parse("\\boxed{" + answer + "}", parsing_timeout=None, raise_on_error=True)
+    result = parse("\\boxed{" + rewrite_euler_e(answer) + "}", parsing_timeout=None, raise_on_error=True)
+    _check_whole_set_read(answer, result)
+    return result
 
 
 def _default_verify(gold: List[Any], target: List[Any]) -> bool:
@@ -88,7 +113,8 @@ class EquivalenceChecker:
 
     ``equivalent(gold, target)`` is ``math_verify.verify(gold, target)`` on the parsed answers, after a fast path
     (identical strings after :func:`normalize_answer_string`). A timeout or error in parse or verify makes the pair
-    *not equivalent* and is counted in :attr:`counters`. Parsed answers are cached per checker.
+    *not equivalent* and is counted in :attr:`counters`. Parsed answers are cached per checker. The default parser
+    rewrites upright ``e`` and rejects partial reads of set literals (module docstring).
 
     Args:
         timeout_s: wall-time budget for each parse and each verify call (``None`` or 0: no limit).
