@@ -1,9 +1,8 @@
-"""Dataset format (DESIGN 5): Megatron-Core's own IndexedDataset is the oracle for the token files; a killed writer
-never leaves a loadable dataset."""
+"""Dataset format (DESIGN 5): Megatron-Core's own IndexedDataset is the oracle for the token files; per-token arrays
+are finite when written and when read. (Killed writers: test_data_atomic.py; damaged files: test_data_verify.py.)"""
 
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -109,60 +108,6 @@ def test_reader_refuses_inconsistent_files(tmp_path):
         TrajectoryDataset(prefix)
 
 
-def _killed_write(prefix, groups, kill_after_replaces):
-    """Run the writer in a forked child that SIGKILLs itself after ``kill_after_replaces`` renames of commit()
-    (-1: during add_group, before commit)."""
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            real_replace = os.replace
-            count = [0]
-
-            def replace(src, dst):
-                if count[0] == kill_after_replaces:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                real_replace(src, dst)
-                count[0] += 1
-
-            os.replace = replace
-            w = TrajectoryDatasetWriter(prefix, 70000, ("ref_logp",))
-            for j, (meta, seqs) in enumerate(groups):
-                w.add_group(meta, seqs)
-                if kill_after_replaces < 0 and j == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            w.commit({})
-        finally:
-            os._exit(3)  # only reached if the kill did not happen
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-
-# commit() renames: meta, groups, ref_logp.bin, ref_logp.idx, bin, idx, then the manifest.
-@pytest.mark.parametrize("kill_after", [-1, 0, 3, 5, 6])
-def test_killed_writer_leaves_no_loadable_dataset(tmp_path, kill_after):
-    prefix = str(tmp_path / "ds")
-    _killed_write(prefix, _groups(), kill_after)
-    with pytest.raises(DatasetFormatError):
-        TrajectoryDataset(prefix)
-    if kill_after <= 5:  # up to the token index rename, Megatron-Core sees no dataset either
-        assert not IndexedDataset.exists(prefix)
-
-
-@pytest.mark.parametrize("kill_after", [-1, 5])
-def test_killed_rewrite_of_existing_dataset(tmp_path, kill_after):
-    prefix = str(tmp_path / "ds")
-    _write(prefix, _groups(seed=1))
-    _killed_write(prefix, _groups(seed=2), kill_after)
-    if kill_after < 0:
-        # killed before commit: the previous complete dataset is untouched and still loads
-        ds = TrajectoryDataset(prefix)
-        assert len(ds) == 20
-    else:
-        with pytest.raises(DatasetFormatError):
-            TrajectoryDataset(prefix)
-        assert not IndexedDataset.exists(prefix)
-
-
 def test_writer_exception_cleans_temporaries(tmp_path):
     prefix = str(tmp_path / "ds")
     with pytest.raises(ValueError):
@@ -172,3 +117,66 @@ def test_writer_exception_cleans_temporaries(tmp_path):
     with TrajectoryDatasetWriter(prefix, 100) as w:
         with pytest.raises(ValueError, match="empty"):
             w.commit()
+
+
+def test_item_carries_its_index(tmp_path):
+    prefix = str(tmp_path / "ds")
+    _write(prefix, _groups())
+    ds = TrajectoryDataset(prefix)
+    assert [ds[i]["index"] for i in (0, 5, 19)] == [0, 5, 19]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_writer_refuses_non_finite_per_token_values(tmp_path, bad):
+    prefix = str(tmp_path / "ds")
+    groups = _groups()
+    groups[1][1][2].per_token["ref_logp"][5] = bad  # group 1, its sequence 2 (dataset sequence 6), token 5
+    with TrajectoryDatasetWriter(prefix, 70000, ("ref_logp",)) as w:
+        w.add_group(*groups[0])
+        with pytest.raises(ValueError, match=r"group 1 \(problem_id 'p1'\), sequence 2 of the group \(dataset sequence "
+                                             r"6, rollout_index 2\): per-token array ref_logp is -?(nan|inf) at token 5"):
+            w.add_group(*groups[1])
+        assert w.num_sequences == 4  # the bad group left nothing behind
+        for meta, seqs in groups[2:]:
+            w.add_group(meta, seqs)
+        w.commit()
+    assert len(TrajectoryDataset(prefix)) == 16
+
+
+def test_add_per_token_array_refuses_non_finite_values(tmp_path):
+    prefix = str(tmp_path / "ds")
+    groups = _groups()
+    for _, seqs in groups:
+        for s in seqs:
+            s.per_token = {}
+    _write(prefix, groups, arrays=())
+    ds = TrajectoryDataset(prefix)
+    teacher = [np.full(n, -0.5, np.float32) for n in ds.sequence_lengths]
+    teacher[9][2] = np.nan
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=r"teacher_logp: sequence 9 \(group 2, rollout_index 1\) is nan at token 2"):
+        add_per_token_array(prefix, "teacher_logp", teacher, {"model": "t"})
+    assert sorted(os.listdir(tmp_path)) == before  # no temporaries, no half-attached array
+    assert TrajectoryDataset(prefix).per_token_array_names == []
+
+
+def test_reader_refuses_non_finite_value_on_disk(tmp_path):
+    """A NaN that got into the .bin after writing (bit rot, a foreign tool): the cheap checks at construction do
+    not read the .bin, the item that holds it raises naming the file, sequence, group, rollout and the fix."""
+    prefix = str(tmp_path / "ds")
+    _write(prefix, _groups())
+    meg = IndexedDataset(prefix + ".ref_logp")
+    seq, tok = 13, 3
+    offset = int(meg.index.sequence_pointers[seq]) + 4 * tok
+    del meg
+    with open(prefix + ".ref_logp.bin", "r+b") as f:
+        f.seek(offset)
+        f.write(np.float32(np.nan).tobytes())
+    ds = TrajectoryDataset(prefix)
+    ds[12], ds[14]  # neighbours are fine
+    with pytest.raises(DatasetFormatError) as e:
+        ds[seq]
+    msg = str(e.value)
+    assert f"{prefix}.ref_logp.bin: sequence 13 (group 3, rollout_index 1) has nan at token 3" in msg
+    assert "precompute_logprobs.py" in msg and "--array ref_logp" in msg
+    assert "ref_logp" not in TrajectoryDataset(prefix, per_token_arrays=())[seq]

@@ -120,3 +120,30 @@ def test_unknown_and_missing_inputs(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="bad.parquet"):
         read_groups([str(tmp_path / "bad.parquet")])
+
+
+def test_duplicate_problem_ids_are_rejected_naming_the_first(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    _write_lines(path, [
+        json.dumps({"problem": "P1", "responses": ["a"], "problem_id": "x"}),  # 1
+        json.dumps({"problem": "P2", "responses": ["b"], "problem_id": "x"}),  # 2 another problem, same id
+        json.dumps({"problem": "P1", "responses": ["c"], "problem_id": "x"}),  # 3 more of P1: fine
+        json.dumps(_ot3("P2", "d", problem_id="x")),                           # 4 more of the duplicate
+        json.dumps({"problem": "P3", "responses": ["e"], "id": "y"}),          # 5
+    ])
+    groups, rejects = _read([str(path)])
+    assert [(g.problem, g.problem_id, g.responses) for g in groups] == [("P1", "x", ["a", "c"]), ("P3", "y", ["e"])]
+    assert [(r.line, r.reason, r.field, r.problem_id) for r in rejects] == [
+        (2, "duplicate_problem_id", "problem_id", "x"), (4, "duplicate_problem_id", "problem_id", "x")]
+    assert all(r.detail == f"duplicate problem_id 'x' (first seen at {path}:1)" for r in rejects)
+    with pytest.raises(InputError, match=rf"{path}:2: field 'problem_id': duplicate_problem_id: .*first seen at {path}:1"):
+        read_groups([str(path)], strict=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_input_without_records_is_an_error(tmp_path, content):
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    _write_lines(good, [json.dumps(_ot3("P1", "a"))])
+    empty.write_bytes(content)
+    with pytest.raises(InputError, match=rf"^{empty}: no records \(the file is empty\)"):
+        read_groups([str(good), str(empty)])

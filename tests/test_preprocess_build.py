@@ -5,6 +5,7 @@ trajectory is either written or rejected with a reason; the result does not depe
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,13 +13,26 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_offgrpo.data import BuildConfig, TrajectoryDataset, build_dataset, select_groups
+from megatron_offgrpo.data import (
+    BuildConfig,
+    InputError,
+    TrajectoryDataset,
+    build_dataset,
+    select_groups,
+    verify_dataset,
+)
 from megatron_offgrpo.data.synthetic import generate_rows, student_pass_rates
 from megatron_offgrpo.data.tiny_tokenizer import TINY_TOKENIZER_DIR, build_tiny_tokenizer, load_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "examples", "data", "ot3_sample.jsonl")
 RATES = os.path.join(REPO, "examples", "data", "student_pass_rates.jsonl")
+BUILD = os.path.join(REPO, "tools", "preprocess", "build_dataset.py")
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, BUILD, *map(str, args), "--no-progress"], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +67,10 @@ def test_cli_dataset_loads_and_matches_the_input(cli_build):
     meg = IndexedDataset(prefix)
     assert len(meg) == len(ds) > 0
     assert "groups out" in stdout and "rejected" in stdout and "all_positive" in stdout
+    # counted with --no-progress too (the count used to come from the disabled progress bar: 0)
+    assert int(re.search(r"rows read\D+(\d+)", stdout).group(1)) == sum(1 for _ in open(SAMPLE)) > 0
+    assert int(re.search(r"duplicate problem ids rejected\D+(\d+)", stdout).group(1)) == 0
+    assert verify_dataset(prefix, full=True) == []
 
     tok = load_tiny_tokenizer()
     rows_by_problem = {}
@@ -174,3 +192,62 @@ def test_select_groups_table():
     assert counts[[0, 2, 4, 7]].sum() < 0.05 * 900
     with pytest.raises(ValueError):
         select_groups(agree, frac, 3, "hardest")
+
+
+def test_cli_duplicate_problem_ids_rejected_and_counted(tmp_path):
+    inp = tmp_path / "dup.jsonl"
+    answers = ["\\boxed{4}"] * 3
+    rows = [{"problem": "What is 2+2?", "responses": answers, "problem_id": "q1"},
+            {"problem": "What is 1+3?", "responses": answers, "problem_id": "q1"},  # line 2: id taken by line 1
+            {"problem": "What is 3+1?", "responses": answers, "problem_id": "q2"}]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefix = tmp_path / "o"
+    proc = _cli("--input", inp, "--tokenizer", TINY_TOKENIZER_DIR, "--output-prefix", prefix)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(re.search(r"duplicate problem ids rejected\D+(\d+)", proc.stdout).group(1)) == 1
+    assert int(re.search(r"rows read\D+(\d+)", proc.stdout).group(1)) == 3
+    rejects = [json.loads(line) for line in open(f"{prefix}.rejects.jsonl")]
+    assert [(r["reason"], r["file"], r["line"], r["detail"]) for r in rejects] == [
+        ("duplicate_problem_id", str(inp), 2, f"duplicate problem_id 'q1' (first seen at {inp}:1)")]
+    ds = TrajectoryDataset(str(prefix))
+    assert [g["problem_id"] for g in ds.group_metadata()] == ["q1", "q2"]
+    assert ds.manifest["statistics"]["rejects"] == {"read:duplicate_problem_id": 1}
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_cli_missing_tokenizer_fails_before_reading_input(tmp_path):
+    # the input does not exist either: the tokenizer is checked first, so that is what the error is about
+    proc = _cli("--input", tmp_path / "never_read.jsonl", "--tokenizer", tmp_path / "no" / "tok", "--output-prefix",
+                tmp_path / "o")
+    line = _one_line_error(proc)
+    assert line.startswith(f"error: --tokenizer {tmp_path / 'no' / 'tok'}: no such file or directory")
+    assert "local tokenizer directory" in line and "Repo id" not in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_tokenizer_that_is_not_one(tmp_path):
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(InputError, match=rf"--tokenizer {tmp_path / 'tok'}: cannot load a tokenizer from it"):
+        build_dataset(BuildConfig([SAMPLE], str(tmp_path / "tok"), str(tmp_path / "o"), progress=False))
+
+
+def test_cli_empty_input(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = _one_line_error(_cli("--input", empty, "--tokenizer", TINY_TOKENIZER_DIR, "--output-prefix", tmp_path / "o"))
+    assert line.startswith(f"error: {empty}: no records") and "--input" in line
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]
+
+
+def test_cli_every_row_rejected(tmp_path):
+    line = _one_line_error(_cli("--input", SAMPLE, "--tokenizer", TINY_TOKENIZER_DIR, "--output-prefix",
+                                tmp_path / "o", "--domain", "chemistry"))
+    assert line.startswith(f"error: {SAMPLE}: no usable records: all 768 rows were rejected (read:domain_filtered 768)")
+    assert "--strict" in line and os.listdir(tmp_path) == []

@@ -3,8 +3,15 @@ read -> label (vote) -> select -> tokenize -> write, with counted rejects at eve
 
 Labelling and tokenization run in one pool of *process* workers (the verifier's timeout needs a main thread, see
 :mod:`megatron_offgrpo.rewards.equivalence`); results are consumed in input order, so the dataset written is the
-same for any ``workers``. Every dropped record -- bad row, empty response, unanswerable or low-agreement group,
-over-long trajectory, too few rollouts left -- is counted and written to the rejects JSONL with its reason.
+same for any ``workers``. Every dropped record -- bad row, duplicate problem id, empty response, unanswerable or
+low-agreement group, over-long trajectory, too few rollouts left -- is counted and written to the rejects JSONL
+with its reason.
+
+A rebuild never damages the previous result: the tokenizer is checked before anything is read or written; the
+rejects JSONL is written under a temporary name and committed together with the dataset (:mod:`.atomic`), so a
+build that fails or is killed leaves the previous dataset *and* its rejects file as they were. Temporaries of
+earlier killed builds are removed at the start (logged). Bad input and a bad ``--tokenizer`` raise
+:class:`~.records.InputError` naming the file (and line) or the flag, and the fix.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from megatron_offgrpo.data.atomic import kill_point, remove_stale_temps
 from megatron_offgrpo.data.readers import read_groups
-from megatron_offgrpo.data.records import RawGroup, Reject
+from megatron_offgrpo.data.records import InputError, RawGroup, Reject
 from megatron_offgrpo.data.selection import SelectionReport, load_student_pass_rates, select_groups
 from megatron_offgrpo.data.tokenize import ChatTokenizer, TokenizedTrajectory, load_tokenizer, tokenizer_fingerprint
 from megatron_offgrpo.rewards.equivalence import VerifierCounters
@@ -77,6 +85,8 @@ class BuildResult:
     all_positive_flags: List[bool] = field(default_factory=list)
     seconds: float = 0.0
     rejects_path: str = ""
+    duplicate_problem_ids: int = 0  # rows rejected because their problem_id belongs to another problem text
+    stale_removed: List[str] = field(default_factory=list)  # temporaries of killed builds removed at the start
 
 
 # ---- worker side (module level so that spawn can pickle the tasks) ----
@@ -123,27 +133,83 @@ def _sha256(path: str) -> str:
     return sha256_file(path) if os.path.isfile(path) else "directory"
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def check_tokenizer(path: str, max_seq_len: int, overlong: str) -> ChatTokenizer:
+    """Load ``--tokenizer`` as the build will use it, or raise :class:`InputError` naming the path and the flag.
+
+    A path that does not exist is reported as such (transformers would call it an invalid hub repo id); a hub
+    name is accepted only when it is in the local Hugging Face cache, as nothing is downloaded at build time.
+    """
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - every way of failing gets the same clear verdict
+        if os.path.exists(path):
+            raise InputError(
+                f"--tokenizer {path}: cannot load a tokenizer from it ({_first_line(e)}); pass a directory written "
+                "by tokenizer.save_pretrained (tokenizer.json / tokenizer_config.json)"
+            ) from None
+        raise InputError(
+            f"--tokenizer {path}: no such file or directory, and not a model name in the local Hugging Face cache "
+            "(nothing is downloaded at build time); pass the path of a local tokenizer directory"
+        ) from None
+    try:
+        return ChatTokenizer(tokenizer, max_seq_len, overlong)
+    except ValueError as e:
+        raise InputError(f"--tokenizer {path}: {e}; use a tokenizer with a chat template and an EOS token") from None
+
+
+def _reject_summary(counts: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no rejects"
+
+
 def build_dataset(cfg: BuildConfig) -> BuildResult:
-    """Run the whole pipeline for ``cfg``; writes ``cfg.output_prefix`` atomically and the rejects JSONL."""
+    """Run the whole pipeline for ``cfg``; commits ``cfg.output_prefix`` and the rejects JSONL together, atomically.
+
+    Raises :class:`InputError` (nothing at the output changed) for a bad ``--tokenizer``, a missing / empty /
+    unreadable input file, a bad row in strict mode, or when no record survives.
+    """
     t0 = time.time()
     label_cfg = LabelConfig(cfg.min_agreement, cfg.verify_timeout_s, cfg.label_source)
     rejects_path = cfg.rejects_path or cfg.output_prefix + ".rejects.jsonl"
+    # 0. the tokenizer, before reading what may be hours of input (and before spawning workers)
+    chat_probe = check_tokenizer(cfg.tokenizer, cfg.max_seq_len, cfg.overlong)
+    tokenizer = chat_probe.tokenizer
     os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    stale_removed = remove_stale_temps(cfg.output_prefix, [rejects_path])
     reject_counts: Counter = Counter()
-    rej_file = open(rejects_path, "w", encoding="utf-8")
+    # The previous rejects file stays in place until the dataset it belongs to is replaced (same commit).
+    rejects_tmp = f"{rejects_path}.tmp{os.getpid()}"
+    rej_file = open(rejects_tmp, "w", encoding="utf-8")
+    committed = False
 
     def on_reject(r: Reject) -> None:
         reject_counts[f"{r.stage}:{r.reason}"] += 1
         rej_file.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
 
     try:
-        # 1. read
+        # 1. read (rows are counted here, not by the progress bar, which counts nothing when disabled)
         bar = tqdm(desc="read rows", unit="row", disable=not cfg.progress)
-        groups: List[RawGroup] = read_groups(cfg.inputs, cfg.domain, cfg.strict, on_reject, progress=bar.update)
-        rows_read = bar.n
+        rows_read = 0
+
+        def on_row(k: int) -> None:
+            nonlocal rows_read
+            rows_read += k
+            bar.update(k)
+
+        groups: List[RawGroup] = read_groups(cfg.inputs, cfg.domain, cfg.strict, on_reject, progress=on_row)
         bar.close()
-        tokenizer = load_tokenizer(cfg.tokenizer)  # fail early on a bad path, before spawning workers
-        chat_probe = ChatTokenizer(tokenizer, cfg.max_seq_len, cfg.overlong)
+        kill_point("build:read")
+        if not groups:
+            raise InputError(
+                f"{', '.join(cfg.inputs)}: no usable records: all {rows_read} rows were rejected "
+                f"({_reject_summary(reject_counts)}); nothing was written; fix the input (--strict stops at the "
+                "first bad row and names it)"
+            )
         runner = _Runner(cfg.workers, (label_cfg, cfg.tokenizer, cfg.max_seq_len, cfg.overlong))
         try:
             # 2. label
@@ -188,6 +254,7 @@ def build_dataset(cfg: BuildConfig) -> BuildResult:
         out_rates: List[Optional[float]] = []
         all_pos: List[bool] = []
         traj_out = 0
+        kill_point("build:tokenized")
         with TrajectoryDatasetWriter(cfg.output_prefix, len(tokenizer)) as writer:
             for (g, lab), (_, trajs), rate in tqdm(
                 list(zip(selected, toks, sel_rates)), desc="write", unit="group", disable=not cfg.progress
@@ -227,8 +294,15 @@ def build_dataset(cfg: BuildConfig) -> BuildResult:
                     arrays_seq["seq"].append(len(s.tokens))
                     arrays_seq["prompt"].append(s.prompt_len)
                     arrays_seq["response"].append(len(s.tokens) - s.prompt_len)
+            if writer.num_sequences == 0:
+                raise InputError(
+                    f"{', '.join(cfg.inputs)}: no trajectory survived ({_reject_summary(reject_counts)}); nothing was "
+                    "written; relax --min-agreement / --max-seq-len / --min-rollouts or fix the input"
+                )
             config_dict = asdict(cfg)
             config_dict.pop("progress")
+            rej_file.close()
+            kill_point("build:written")
             manifest = writer.commit({
                 "tokenizer": tokenizer_fingerprint(chat_probe.tokenizer),
                 "sources": [{"path": os.path.abspath(p), "sha256": _sha256(p)} for p in cfg.inputs],
@@ -241,9 +315,12 @@ def build_dataset(cfg: BuildConfig) -> BuildResult:
                     "verifier": verifier.as_dict(),
                     "not_selected": not_selected,
                 },
-            })
+            }, extra_moves=[(rejects_tmp, rejects_path)])
+            committed = True
     finally:
         rej_file.close()
+        if not committed and os.path.lexists(rejects_tmp):
+            os.remove(rejects_tmp)
 
     return BuildResult(
         manifest=manifest,
@@ -265,4 +342,6 @@ def build_dataset(cfg: BuildConfig) -> BuildResult:
         all_positive_flags=all_pos,
         seconds=time.time() - t0,
         rejects_path=rejects_path,
+        duplicate_problem_ids=reject_counts.get("read:duplicate_problem_id", 0),
+        stale_removed=stale_removed,
     )

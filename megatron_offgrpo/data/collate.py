@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-META_KEYS = ("tokens", "prompt_len", "reward", "group_id", "rollout_index")
+META_KEYS = ("index", "tokens", "prompt_len", "reward", "group_id", "rollout_index")
 
 
 def _round_up(n: int, m: int) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -11,55 +9,50 @@ import pyarrow.parquet as pq
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_offgrpo.data.atomic import recover_commit
 from megatron_offgrpo.data.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
+    REBUILD_HINT,
+    DatasetFormatError,
     array_prefix,
     group_meta_path,
-    manifest_path,
+    recompute_hint,
     seq_meta_path,
 )
+from megatron_offgrpo.data.verify import dataset_fingerprint, read_manifest, verify_dataset
 
-
-class DatasetFormatError(RuntimeError):
-    """The files at a prefix are missing, incomplete or inconsistent with their manifest."""
+__all__ = ["DatasetFormatError", "TrajectoryDataset", "load_manifest"]
 
 
 def load_manifest(prefix: str) -> Dict[str, Any]:
-    """Read and validate ``P.json``; raises :class:`DatasetFormatError` when it is missing or foreign."""
-    path = manifest_path(prefix)
-    if not os.path.exists(path):
+    """Read and validate ``P.json`` after finishing or rolling back a commit of ``P`` whose writer was killed
+    (:func:`~.atomic.recover_commit`).
+
+    Raises :class:`DatasetFormatError` when the manifest is missing or foreign, when recovery cannot run (e.g. a
+    read-only copy), and :class:`~.atomic.CommitInProgressError` while a live process commits ``P``. The files
+    themselves are checked by :func:`~.verify.verify_dataset` (which :class:`TrajectoryDataset` runs).
+    """
+    try:
+        recover_commit(prefix)
+    except OSError as e:
         raise DatasetFormatError(
-            f"{path}: no manifest, so {prefix} is not a complete dataset (never built, or the writer was killed "
-            "before it finished)"
-        )
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT_NAME:
-        raise DatasetFormatError(f"{path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetFormatError(
-            f"{path}: format_version {manifest.get('format_version')} not supported (this reader: {FORMAT_VERSION})"
-        )
-    base = os.path.basename(prefix)
-    for suffix, rec in manifest.get("files", {}).items():
-        fpath = os.path.join(os.path.dirname(prefix) or ".", base + suffix)
-        if not os.path.exists(fpath):
-            raise DatasetFormatError(f"{fpath}: listed in the manifest but missing")
-        if os.path.getsize(fpath) != rec["bytes"]:
-            raise DatasetFormatError(
-                f"{fpath}: {os.path.getsize(fpath)} bytes, manifest says {rec['bytes']} (a partial or foreign file)"
-            )
-    return manifest
+            f"{prefix}.commit.json: a killed commit of {prefix} needs recovery, which failed ({e}); load it once "
+            "where the files are writable, or start the next build there"
+        ) from None
+    return read_manifest(prefix)
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
     """Random access to the trajectories of a dataset written by :class:`~.writer.TrajectoryDatasetWriter`.
 
-    ``ds[i]`` is a dict: ``tokens`` (int64 tensor, prompt + response + EOS), ``prompt_len`` (int), ``reward``
-    (float), ``group_id`` (int), ``rollout_index`` (int), and each loaded per-token array (float32 tensor, same
-    length as ``tokens``; value ``j`` belongs to token ``j``). Tokens come from Megatron-Core's ``IndexedDataset``
-    (memory-mapped); per-sequence metadata is held in NumPy arrays.
+    ``ds[i]`` is a dict: ``index`` (``i``), ``tokens`` (int64 tensor, prompt + response + EOS), ``prompt_len``
+    (int), ``reward`` (float), ``group_id`` (int), ``rollout_index`` (int), and each loaded per-token array (float32
+    tensor, same length as ``tokens``; value ``j`` belongs to token ``j``). Tokens come from Megatron-Core's
+    ``IndexedDataset`` (memory-mapped); per-sequence metadata is held in NumPy arrays.
+
+    Construction runs :func:`load_manifest` (with commit recovery) and the cheap checks of
+    :func:`~.verify.verify_dataset` for the token files and the arrays it loads, and raises
+    :class:`DatasetFormatError` listing every problem. ``ds[i]`` raises :class:`DatasetFormatError` when a loaded
+    per-token array of sequence ``i`` holds a NaN / inf (``verify_dataset(P, full=True)`` lists them all).
 
     Args:
         prefix: dataset prefix ``P``.
@@ -69,13 +62,20 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     def __init__(self, prefix: str, per_token_arrays: Optional[Sequence[str]] = None) -> None:
         self.prefix = prefix
         self.manifest: Dict[str, Any] = load_manifest(prefix)
+        listed = list(self.manifest.get("per_token_arrays", {}))
+        names = listed if per_token_arrays is None else list(per_token_arrays)
+        problems = verify_dataset(prefix, full=False, per_token_arrays=names)
+        if problems:
+            raise DatasetFormatError(
+                f"{prefix}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         self._tokens = IndexedDataset(prefix, mmap=True)
         meta = pq.read_table(seq_meta_path(prefix))
         n = len(self._tokens)
         if meta.num_rows != n or n != self.manifest["counts"]["sequences"]:
             raise DatasetFormatError(
                 f"{prefix}: {n} token sequences, {meta.num_rows} metadata rows, manifest "
-                f"{self.manifest['counts']['sequences']}"
+                f"{self.manifest['counts']['sequences']}; {REBUILD_HINT}"
             )
         self.group_ids = meta.column("group_id").to_numpy().astype(np.int64)
         self.rollout_indices = meta.column("rollout_index").to_numpy().astype(np.int64)
@@ -85,18 +85,13 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         self.answers: List[Optional[str]] = meta.column("answer").to_pylist()
         self.sequence_lengths = np.asarray(self._tokens.sequence_lengths, dtype=np.int64)
         if not np.array_equal(self.sequence_lengths, self.prompt_lens + self.response_lens):
-            raise DatasetFormatError(f"{prefix}: token lengths disagree with prompt_len + response_len in metadata")
-
-        listed = list(self.manifest.get("per_token_arrays", {}))
-        names = listed if per_token_arrays is None else list(per_token_arrays)
-        self._arrays: Dict[str, IndexedDataset] = {}
-        for name in names:
-            if name not in listed:
-                raise DatasetFormatError(f"{prefix}: per-token array {name!r} not in manifest (has: {listed})")
-            arr = IndexedDataset(array_prefix(prefix, name), mmap=True)
-            if not np.array_equal(np.asarray(arr.sequence_lengths), self.sequence_lengths):
-                raise DatasetFormatError(f"{array_prefix(prefix, name)}: lengths do not match the token sequences")
-            self._arrays[name] = arr
+            raise DatasetFormatError(
+                f"{seq_meta_path(prefix)}: token lengths disagree with prompt_len + response_len; {REBUILD_HINT}"
+            )
+        # Names and lengths of the arrays were checked by verify_dataset above.
+        self._arrays: Dict[str, IndexedDataset] = {
+            name: IndexedDataset(array_prefix(prefix, name), mmap=True) for name in names
+        }
         self._groups: Optional[Dict[int, List[int]]] = None
         self._group_table = None
 
@@ -108,6 +103,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"sequence index {i} out of range [0, {len(self)})")
         item: Dict[str, Any] = {
+            "index": i,
             "tokens": torch.from_numpy(np.asarray(self._tokens[i], dtype=np.int64)),
             "prompt_len": int(self.prompt_lens[i]),
             "reward": float(self.rewards[i]),
@@ -115,8 +111,20 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             "rollout_index": int(self.rollout_indices[i]),
         }
         for name, arr in self._arrays.items():
-            item[name] = torch.from_numpy(np.array(arr[i], dtype=np.float32))
+            values = torch.from_numpy(np.array(arr[i], dtype=np.float32))
+            if not torch.isfinite(values).all():  # one reduction per array: the common case stays cheap
+                j = int(torch.nonzero(~torch.isfinite(values))[0])
+                raise DatasetFormatError(
+                    f"{array_prefix(self.prefix, name)}.bin: sequence {i} (group {item['group_id']}, rollout_index "
+                    f"{item['rollout_index']}) has {float(values[j])} at token {j}; "
+                    f"{recompute_hint(self.prefix, name)} (verify_dataset(prefix, full=True) lists every bad value)"
+                )
+            item[name] = values
         return item
+
+    def fingerprint(self) -> str:
+        """:func:`~.verify.dataset_fingerprint` of this dataset over the arrays it loads (path-independent)."""
+        return dataset_fingerprint(self.prefix, per_token_arrays=list(self._arrays))
 
     @property
     def per_token_array_names(self) -> List[str]:

@@ -9,7 +9,10 @@ Accepted row shapes (any input format):
 - Optional ``answer`` (ground truth, only used to report the vote's accuracy or with ``label_source=reference``),
   ``problem_id`` / ``id``.
 
-Rows are grouped by exact problem text across rows and files, in order of first appearance. Input formats:
+Rows are grouped by exact problem text across rows and files, in order of first appearance. A ``problem_id`` is
+the identity of a problem downstream (student pass rates, the group metadata), so a second problem text under an
+id already taken is rejected (``duplicate_problem_id``, naming where the id was first seen). An input file without
+a single record is an error (:class:`~.records.InputError` naming the file). Input formats:
 ``.jsonl``/``.json`` (JSON lines, read line by line here so that every error names its line), ``.parquet``
 (through HF ``datasets``, streamed) and a directory written by ``datasets.Dataset.save_to_disk``.
 """
@@ -170,8 +173,11 @@ def read_groups(
         strict: raise :class:`~.records.InputError` at the first bad row instead of rejecting it.
         on_reject: called with each :class:`~.records.Reject` (the build writes them to the rejects JSONL).
         progress: called with 1 per row read (progress bar hook).
+
+    Raises :class:`~.records.InputError` for a missing, unreadable or empty (no record at all) input file.
     """
     groups: Dict[str, RawGroup] = {}
+    id_origin: Dict[str, str] = {}  # problem_id -> "file:line" of the row that introduced it
 
     def reject(rej: Reject) -> None:
         if strict and rej.reason != "domain_filtered":
@@ -180,7 +186,9 @@ def read_groups(
             on_reject(rej)
 
     for path in paths:
+        records = 0
         for line_no, row in iter_rows(path):
+            records += 1
             if progress is not None:
                 progress(1)
             if isinstance(row, Reject):
@@ -197,7 +205,14 @@ def read_groups(
             key = problem.strip()
             g = groups.get(key)
             if g is None:
-                g = groups[key] = RawGroup(problem=problem, problem_id=extras["problem_id"] or problem_id_for(key))
+                pid = extras["problem_id"] or problem_id_for(key)
+                if pid in id_origin:
+                    # Another problem text already has this id: keep the first, reject this one (every row of it).
+                    reject(Reject("read", "duplicate_problem_id", path, line_no, "problem_id",
+                                  f"duplicate problem_id {pid!r} (first seen at {id_origin[pid]})", pid))
+                    continue
+                id_origin[pid] = f"{path}:{line_no}"
+                g = groups[key] = RawGroup(problem=problem, problem_id=pid)
             for field in ("reference", "source", "domain"):
                 src = "answer" if field == "reference" else field
                 if getattr(g, field) is None and extras[src] is not None:
@@ -213,6 +228,8 @@ def read_groups(
                 else:
                     g.responses.append(resp)
                     g.origins.append(f"{path}:{line_no}")
+        if records == 0:
+            raise InputError(f"{path}: no records (the file is empty); regenerate it or leave it out of --input")
     out: List[RawGroup] = []
     for g in groups.values():
         if not g.responses:

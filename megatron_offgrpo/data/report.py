@@ -48,6 +48,7 @@ def print_summary(res: BuildResult, console: Optional[Console] = None) -> None:
     t.add_column("item")
     t.add_column("count", justify="right")
     t.add_row("rows read", str(res.rows_read))
+    t.add_row("duplicate problem ids rejected", str(res.duplicate_problem_ids))
     t.add_row("groups in (after reading)", str(res.groups_in))
     t.add_row("groups not selected (--num-groups)", str(res.not_selected))
     t.add_row("groups out", str(res.groups_out))

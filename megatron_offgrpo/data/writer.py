@@ -1,9 +1,10 @@
 """Atomic writer of the trajectory dataset format (DESIGN 5, :mod:`.format`).
 
-Everything is written under temporary names (``P.tmp<pid>.*``) and renamed into place at :meth:`commit`; the
-manifest ``P.json`` is written last. Before the renames, any older manifest and index at ``P`` are removed, so a
-run killed at any point leaves either the previous complete dataset, or files that neither
-:class:`~megatron_offgrpo.data.dataset.TrajectoryDataset` nor Megatron-Core's ``IndexedDataset`` will load.
+Everything is written under temporary names (``P.tmp<pid>.*``), hashed, and renamed into place at :meth:`commit`
+through the journaled commit of :mod:`.atomic`; the manifest ``P.json`` is written last. A run killed at any point
+leaves the previous complete dataset (byte-identical, once the next reader or writer has run recovery), or, after
+the manifest is written, the new one. Temporaries of killed writers are removed by the next writer of the prefix.
+Per-token arrays must be finite: a NaN / inf is refused when written, naming the sequence and token.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -20,15 +21,14 @@ import pyarrow.parquet as pq
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from megatron_offgrpo.data.atomic import commit_files, remove_stale_temps
 from megatron_offgrpo.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GROUP_COLUMNS,
-    PER_TOKEN_ARRAYS,
     array_prefix,
     file_record,
     group_meta_path,
-    manifest_path,
     seq_meta_path,
 )
 
@@ -46,13 +46,18 @@ class SequenceRecord:
     per_token: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def first_non_finite(values: np.ndarray) -> Optional[Tuple[int, float]]:
+    """``(position, value)`` of the first NaN / inf of a 1-D array, or ``None`` when all values are finite."""
+    ok = np.isfinite(values)
+    if ok.all():
+        return None
+    j = int(np.argmin(ok))
+    return j, float(values[j])
+
+
+def _manifest_key(prefix: str, path: str) -> str:
+    """Manifest ``files`` key of ``path``: its suffix after the prefix's base name (e.g. ``.ref_logp.idx``)."""
+    return os.path.basename(path)[len(os.path.basename(prefix)):]
 
 
 class TrajectoryDatasetWriter:
@@ -63,12 +68,15 @@ class TrajectoryDatasetWriter:
         vocab_size: tokenizer vocabulary size; picks the smallest token dtype (Megatron-Core's rule).
         per_token_arrays: names of per-token float32 arrays every sequence will carry.
 
-    Use as a context manager: an exception before :meth:`commit` removes the temporary files.
+    Use as a context manager: an exception before :meth:`commit` removes the temporary files. Construction first
+    recovers an interrupted commit of ``prefix`` and removes the temporaries of dead writers (logged); it raises
+    :class:`~.atomic.CommitInProgressError` while another live process commits ``prefix``.
     """
 
     def __init__(self, prefix: str, vocab_size: int, per_token_arrays: Sequence[str] = ()) -> None:
         self.prefix = prefix
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        remove_stale_temps(prefix)
         self._tmp_prefix = f"{prefix}.tmp{os.getpid()}"
         self.token_dtype = DType.optimal_dtype(vocab_size)
         self._tokens = IndexedDatasetBuilder(self._tmp_prefix + ".bin", dtype=self.token_dtype)
@@ -93,21 +101,35 @@ class TrajectoryDatasetWriter:
         return len(self._seq_cols["group_id"])
 
     def add_group(self, group_meta: Mapping[str, Any], sequences: Sequence[SequenceRecord]) -> int:
-        """Append one group (its sequences get consecutive indices); returns the new group's id."""
+        """Append one group (its sequences get consecutive indices); returns the new group's id.
+
+        Raises ValueError, before anything of the group is written, for a sequence without response tokens, a
+        per-token array of the wrong set or shape, or a per-token value that is NaN / inf (the message names the
+        group, the sequence and the token position).
+        """
         if not sequences:
             raise ValueError("a group needs at least one sequence")
         gid = len(self._group_rows)
+        pid = group_meta.get("problem_id")
+        where = f"group {gid}" + (f" (problem_id {pid!r})" if pid is not None else "")
         # Validate the whole group first so that a bad group leaves the files untouched.
-        for seq in sequences:
+        for j, seq in enumerate(sequences):
             n = int(len(seq.tokens))
             if not 0 < seq.prompt_len < n:
-                raise ValueError(f"group {gid}: prompt_len {seq.prompt_len} must be in (0, {n}) (no response tokens?)")
+                raise ValueError(f"{where}: prompt_len {seq.prompt_len} must be in (0, {n}) (no response tokens?)")
             if set(seq.per_token) != set(self._arrays):
-                raise ValueError(f"group {gid}: per-token arrays {sorted(seq.per_token)} != {sorted(self._arrays)}")
+                raise ValueError(f"{where}: per-token arrays {sorted(seq.per_token)} != {sorted(self._arrays)}")
             for name in self._arrays:
-                shape = np.shape(seq.per_token[name])
-                if shape != (n,):
-                    raise ValueError(f"group {gid}: per-token array {name} has shape {shape}, tokens ({n},)")
+                values = np.asarray(seq.per_token[name], dtype=np.float32)
+                if values.shape != (n,):
+                    raise ValueError(f"{where}: per-token array {name} has shape {values.shape}, tokens ({n},)")
+                bad = first_non_finite(values)
+                if bad is not None:
+                    raise ValueError(
+                        f"{where}, sequence {j} of the group (dataset sequence {self.num_sequences + j}, rollout_index "
+                        f"{seq.rollout_index}): per-token array {name} is {bad[1]} at token {bad[0]}; only finite "
+                        "values can be trained on (fix the producer of the array)"
+                    )
         for seq in sequences:
             n = int(len(seq.tokens))
             self._tokens.add_item(torch.from_numpy(np.asarray(seq.tokens, dtype=np.int64)))
@@ -137,8 +159,17 @@ class TrajectoryDatasetWriter:
             files += [array_prefix(self._tmp_prefix, name) + s for s in (".bin", ".idx")]
         return files
 
-    def commit(self, manifest_extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """Finish all files, rename them into place, then write the manifest. Returns the manifest."""
+    def commit(
+        self, manifest_extra: Optional[Mapping[str, Any]] = None, extra_moves: Sequence[Tuple[str, str]] = ()
+    ) -> Dict[str, Any]:
+        """Finish all files, hash them, and move them into place with the journaled commit of :mod:`.atomic`;
+        the manifest is written last. Returns the manifest.
+
+        Every file record carries its size and sha256 (the ``.bin`` files included), hashed from the just-written
+        temporary, so the manifest describes exactly the bytes that get renamed. ``extra_moves`` are
+        ``(temporary, final)`` pairs of files the caller wrote next to the dataset (the build's rejects JSONL) that
+        must be replaced in the same commit: a failed or killed commit keeps their previous version too.
+        """
         if self.num_sequences == 0:
             raise ValueError(f"refusing to write an empty dataset at {self.prefix} (every record was rejected?)")
         tp = self._tmp_prefix
@@ -154,23 +185,14 @@ class TrajectoryDatasetWriter:
         )
         pq.write_table(pa.Table.from_pylist(self._group_rows), tp + ".meta.groups.parquet")
 
-        # Destination of each temporary file. The token index goes last among the data files: between deleting
-        # the old P.idx and renaming the new one in, Megatron-Core's IndexedDataset.exists(P) is False.
+        # Destination of each temporary file. The manifest is absent for the whole rename window (commit_files),
+        # so the order only matters to readers that skip it: the token index goes last, so that Megatron-Core's
+        # IndexedDataset.exists(P) is False until the new token files are in place when there was no old dataset.
         moves = [(tp + ".meta.parquet", seq_meta_path(self.prefix)), (tp + ".meta.groups.parquet", group_meta_path(self.prefix))]
         for name in self._arrays:
             moves += [(array_prefix(tp, name) + s, array_prefix(self.prefix, name) + s) for s in (".bin", ".idx")]
         moves += [(tp + ".bin", self.prefix + ".bin"), (tp + ".idx", self.prefix + ".idx")]
-
-        for stale in (manifest_path(self.prefix), self.prefix + ".idx"):
-            if os.path.exists(stale):
-                os.remove(stale)
-        files: Dict[str, Any] = {}
-        for src, dst in moves:
-            os.replace(src, dst)
-            # Hash the small files; for the large data files the size check is the integrity guard.
-            files[os.path.basename(dst)[len(os.path.basename(self.prefix)):]] = file_record(
-                dst, with_hash=not dst.endswith(".bin")
-            )
+        files = {_manifest_key(self.prefix, dst): file_record(src) for src, dst in moves}
         manifest: Dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -191,9 +213,9 @@ class TrajectoryDatasetWriter:
                     manifest[k].update(v)
                 else:
                     manifest[k] = v
-        _atomic_write_json(manifest_path(self.prefix), manifest)
+        commit_files(self.prefix, [*moves, *extra_moves], manifest)
         self._committed = True
-        return manifest
+        return json.loads(json.dumps(manifest))  # what a reader of P.json gets
 
     def abort(self) -> None:
         """Remove the temporary files (nothing at ``prefix`` is touched)."""
@@ -219,13 +241,16 @@ def add_per_token_array(
 ) -> None:
     """Attach a per-token float32 array (e.g. precomputed ``ref_logp``) to an existing dataset.
 
-    ``arrays`` yields one array per sequence, in dataset order, each as long as the sequence's tokens. The array
-    files are renamed into place first and the manifest is replaced atomically last, so the dataset stays loadable
-    (without the new array) until the manifest names it. ``producer`` (e.g. ``{"model": ..., "checkpoint": ...}``)
-    is recorded in the manifest: DESIGN 3 refuses a teacher/reference mismatch at train time.
+    ``arrays`` yields one array per sequence, in dataset order, each as long as the sequence's tokens and finite
+    (a NaN / inf raises ValueError naming the sequence and the token). The array files are written under
+    temporary names, hashed, and committed together with the new manifest through :mod:`.atomic`, so a failure or
+    a kill leaves the dataset as it was (an array it replaces included). ``producer`` (e.g.
+    ``{"model": ..., "checkpoint": ...}``) is recorded in the manifest: DESIGN 3 refuses a teacher/reference
+    mismatch at train time. Only the token files are verified first, so that a damaged array can be recomputed.
     """
     from megatron_offgrpo.data.dataset import TrajectoryDataset
 
+    remove_stale_temps(prefix)
     ds = TrajectoryDataset(prefix, per_token_arrays=())
     lengths = ds.sequence_lengths
     tmp = array_prefix(f"{prefix}.tmp{os.getpid()}", name)
@@ -236,22 +261,28 @@ def add_per_token_array(
             a = np.asarray(arr, dtype=np.float32)
             if i >= len(lengths) or a.shape != (lengths[i],):
                 raise ValueError(f"{name}: sequence {i} has shape {a.shape}, expected ({lengths[i] if i < len(lengths) else '-'},)")
+            bad = first_non_finite(a)
+            if bad is not None:
+                raise ValueError(
+                    f"{name}: sequence {i} (group {int(ds.group_ids[i])}, rollout_index {int(ds.rollout_indices[i])}) "
+                    f"is {bad[1]} at token {bad[0]}; only finite log-probs can be stored (check the scoring model)"
+                )
             builder.add_item(torch.from_numpy(a))
             builder.end_document()
             count += 1
         if count != len(lengths):
             raise ValueError(f"{name}: got {count} arrays for {len(lengths)} sequences")
         builder.finalize(tmp + ".idx")
+        manifest = json.loads(json.dumps(ds.manifest))
+        dst = array_prefix(prefix, name)
+        moves = [(tmp + s, dst + s) for s in (".bin", ".idx")]
+        for src, final in moves:
+            manifest["files"][_manifest_key(prefix, final)] = file_record(src)
+        manifest["per_token_arrays"] = {**manifest.get("per_token_arrays", {}), name: {"producer": dict(producer)}}
+        commit_files(prefix, moves, manifest)
     except BaseException:
         builder.data_file.close()
         for s in (".bin", ".idx"):
             if os.path.exists(tmp + s):
                 os.remove(tmp + s)
         raise
-    manifest = dict(ds.manifest)
-    dst = array_prefix(prefix, name)
-    for s in (".bin", ".idx"):
-        os.replace(tmp + s, dst + s)
-        manifest["files"][f".{name}{s}"] = file_record(dst + s, with_hash=(s == ".idx"))
-    manifest["per_token_arrays"] = {**manifest.get("per_token_arrays", {}), name: {"producer": dict(producer)}}
-    _atomic_write_json(manifest_path(prefix), manifest)

@@ -6,11 +6,16 @@ Example (the shipped sample)::
     python tools/preprocess/build_dataset.py --input examples/data/ot3_sample.jsonl \
         --tokenizer examples/tiny_tokenizer --output-prefix outputs/data/ot3_sample \
         --domain math --max-seq-len 640 --workers 2 --stats-plot outputs/data/ot3_sample_stats.png
+
+A failed or killed build leaves the previous dataset and its rejects file unchanged; the next build removes what a
+killed one left behind. Errors in the input or the arguments end the build with exit status 2 and one line
+``error: ...`` on stderr that names the file (and line) or the flag, and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -19,6 +24,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from megatron_offgrpo.data.build import BuildConfig, build_dataset
+from megatron_offgrpo.data.format import DatasetFormatError
 from megatron_offgrpo.data.records import InputError
 
 
@@ -49,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # Recovery of a killed build and the removal of its temporaries are logged as warnings: show them plainly.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     cfg = BuildConfig(
         inputs=a.input, tokenizer=a.tokenizer, output_prefix=a.output_prefix, max_seq_len=a.max_seq_len,
         overlong=a.overlong, domain=a.domain, min_agreement=a.min_agreement, label_source=a.label_source,
@@ -58,8 +66,10 @@ def main(argv=None) -> int:
     )
     try:
         res = build_dataset(cfg)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InputError, DatasetFormatError) as e:
+        # Bad input, a bad flag, or another build committing the same prefix: the message says what to do, so one
+        # line, no traceback.
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
     from megatron_offgrpo.data.report import draw_stats_plot, print_summary
 
