@@ -91,8 +91,11 @@ def _tp1_worker(rank: int, world: int, root: str) -> dict:
         build_gpt_model, build_transformer_config, checkpoint_padded_vocab_size, load_model_checkpoint,
         model_config_from_hf,
     )  # fmt: skip
+    from megatron_offgrpo.losses import vocab_parallel_logprobs
     from megatron_offgrpo.models.converter import convert_hf_to_mcore, convert_mcore_to_hf
-    from megatron_offgrpo.models.parity import megatron_logits
+    from megatron_offgrpo.models.parity import (
+        gather_real_vocab_logits, megatron_next_token_logprobs, megatron_vocab_parallel_logits,
+    )  # fmt: skip
 
     tokens = torch.load(os.path.join(root, "tokens.pt"))
     res: dict = {}
@@ -108,7 +111,11 @@ def _tp1_worker(rank: int, world: int, root: str) -> dict:
         hf, ckpt = os.path.join(root, fam, "hf"), os.path.join(root, fam, "mcore")
         meta = convert_hf_to_mcore(hf, ckpt, tp=2, progress=False)
         arch, model = load(hf, ckpt)
-        r = {"logits": megatron_logits(model, tokens, arch.vocab_size), "padded": meta["padded_vocab_size"]}
+        local = megatron_vocab_parallel_logits(model, tokens)
+        r = {"logits": gather_real_vocab_logits(local, arch.vocab_size), "padded": meta["padded_vocab_size"],
+             "vocab_size": meta["vocab_size"], "logprobs": megatron_next_token_logprobs(local, tokens, arch.vocab_size)}
+        # Negative control: the same log-probs with the padded (zero-weight, logit 0) columns inside the softmax.
+        r["logprobs_padding_in_softmax"] = vocab_parallel_logprobs(local[:, :-1], tokens[:, 1:])
         r["raw_vocab_dim"] = model.embedding.word_embeddings.weight.shape[0]
         if fam.startswith("qwen3_moe"):
             sd = model.state_dict()
@@ -174,7 +181,9 @@ def _multi_rank_worker(rank: int, world: int, root: str) -> dict:
         build_gpt_model, build_transformer_config, checkpoint_padded_vocab_size, load_model_checkpoint,
         model_config_from_hf, save_model_checkpoint,
     )  # fmt: skip
-    from megatron_offgrpo.models.parity import megatron_logits
+    from megatron_offgrpo.models.parity import (
+        gather_real_vocab_logits, megatron_next_token_logprobs, megatron_vocab_parallel_logits,
+    )  # fmt: skip
     from megatron_offgrpo.utils.cpu_backend import initialize_cpu_model_parallel
 
     tokens = torch.load(os.path.join(root, "tokens.pt"))
@@ -185,7 +194,9 @@ def _multi_rank_worker(rank: int, world: int, root: str) -> dict:
         cfg = build_transformer_config(arch, **layout)
         model = build_gpt_model(arch, cfg, vocab_size=checkpoint_padded_vocab_size(ckpt), backend="local")
         load_model_checkpoint(model, ckpt)
-        return model, megatron_logits(model, tokens, arch.vocab_size)
+        local = megatron_vocab_parallel_logits(model, tokens)  # at TP=2, rank 1 holds all 56 padded columns
+        logprobs = megatron_next_token_logprobs(local, tokens, arch.vocab_size)
+        return model, gather_real_vocab_logits(local, arch.vocab_size), logprobs
 
     def relayout(**kw):
         parallel_state.destroy_model_parallel()
@@ -193,7 +204,7 @@ def _multi_rank_worker(rank: int, world: int, root: str) -> dict:
 
     initialize_cpu_model_parallel(tensor_model_parallel_size=2)
     for fam in TP2_FAMILIES:
-        model, res[f"tp2/{fam}"] = logits_of(fam, os.path.join(root, fam, "mcore"), tp=2)
+        model, res[f"tp2/{fam}"], res[f"tp2_logprobs/{fam}"] = logits_of(fam, os.path.join(root, fam, "mcore"), tp=2)
         if fam in ("qwen3", "qwen2_tied"):
             save_model_checkpoint(model, os.path.join(root, fam, "written_tp2"))
 
@@ -202,12 +213,51 @@ def _multi_rank_worker(rank: int, world: int, root: str) -> dict:
         res[f"tp1_from_tp2/{fam}"] = logits_of(fam, os.path.join(root, fam, "written_tp2"))[1]
 
     relayout(expert_model_parallel_size=2)
-    model, res["ep2"] = logits_of(MOE, os.path.join(root, MOE, "mcore"), ep=2)
+    model, res["ep2"], _ = logits_of(MOE, os.path.join(root, MOE, "mcore"), ep=2)
     res["ep2_local_experts"] = len(model.decoder.layers[0].mlp.experts.local_experts)
     save_model_checkpoint(model, os.path.join(root, MOE, "written_ep2"))
 
     relayout(expert_model_parallel_size=1)
     res["ep1_from_ep2"] = logits_of(MOE, os.path.join(root, MOE, "written_ep2"))[1]
+    return res
+
+
+def _zero_padding_worker(rank: int, world: int) -> dict:
+    """Random-init tiny models at TP=world, gather their vocab-parallel weights before / after zeroing."""
+    import dataclasses
+
+    from megatron_offgrpo.models import (
+        build_gpt_model, build_transformer_config, tiny_architecture, zero_padded_vocab_rows,
+    )  # fmt: skip
+    from megatron_offgrpo.utils.cpu_backend import initialize_cpu_model_parallel
+
+    initialize_cpu_model_parallel(tensor_model_parallel_size=world)
+
+    def gathered(weight):  # the dense [V_padded, hidden] matrix from the vocab-parallel row shards
+        parts = [torch.empty_like(weight) for _ in range(world)]
+        torch.distributed.all_gather(parts, weight.detach().contiguous())
+        return torch.cat(parts)
+
+    res: dict = {}
+    untied = tiny_architecture(vocab_size=VOCAB)
+    for tied in (False, True):
+        arch = dataclasses.replace(untied, tie_word_embeddings=tied)
+        # 200: only rank 1's shard is padded at TP=2; 100: rank 0's is partly padded too; 256: nothing to zero.
+        for real in (VOCAB, 100, 256):
+            torch.manual_seed(0)
+            model = build_gpt_model(arch, build_transformer_config(arch, tp=world), vocab_size=256, backend="local")
+            weights = {"embedding": model.embedding.word_embeddings.weight}
+            if not tied:
+                weights["output"] = model.output_layer.weight
+            before = {k: gathered(w) for k, w in weights.items()}
+            zero_padded_vocab_rows(model, real)
+            after = {k: gathered(w) for k, w in weights.items()}
+            res[(tied, real)] = {"before": before, "after": after, "no_output": model.output_layer.weight is None}
+    res["too_large"] = None
+    try:
+        zero_padded_vocab_rows(model, 257)
+    except ValueError as e:
+        res["too_large"] = str(e)
     return res
 
 
@@ -300,6 +350,76 @@ def test_tp1_logits_match_hf(workdir, tp1, family):
     _assert_close(workdir["hf_logits"][family], r["logits"])
 
 
+def test_converted_checkpoint_records_real_vocab(workdir, tp1):
+    from megatron_offgrpo.models import checkpoint_padded_vocab_size, checkpoint_vocab_size
+
+    for fam in FAMILIES:
+        ckpt = os.path.join(workdir["root"], fam, "mcore")
+        with open(os.path.join(ckpt, "offgrpo_model.json")) as f:
+            meta = json.load(f)
+        assert meta["vocab_size"] == VOCAB and meta["padded_vocab_size"] == 256, fam
+        assert meta["architecture"]["vocab_size"] == VOCAB, fam  # the architecture is kept as well
+        assert tp1[fam]["vocab_size"] == VOCAB
+        assert checkpoint_vocab_size(ckpt) == VOCAB and checkpoint_padded_vocab_size(ckpt) == 256
+
+
+def test_checkpoint_vocab_size_fallback_and_errors(workdir, tp1, tmp_path):
+    from megatron_offgrpo.models import (
+        CheckpointFormatError, CorruptCheckpointFileError, MissingCheckpointFileError, checkpoint_vocab_size,
+    )  # fmt: skip
+
+    with open(os.path.join(workdir["root"], "qwen3", "mcore", "offgrpo_model.json")) as f:
+        meta = json.load(f)
+    path = tmp_path / "offgrpo_model.json"
+
+    del meta["vocab_size"]  # metadata written before the key existed: the architecture's value
+    path.write_text(json.dumps(meta))
+    assert checkpoint_vocab_size(str(tmp_path)) == VOCAB
+
+    del meta["architecture"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointFileError, match="records neither vocab_size nor architecture") as e:
+        checkpoint_vocab_size(str(tmp_path))
+    assert str(path) in str(e.value) and e.value.path == str(path)
+
+    path.write_text('{"vocab_size": 12')  # truncated JSON
+    with pytest.raises(CorruptCheckpointFileError, match="offgrpo_model.json is damaged"):
+        checkpoint_vocab_size(str(tmp_path))
+
+    path.unlink()
+    with pytest.raises(MissingCheckpointFileError) as e:
+        checkpoint_vocab_size(str(tmp_path))
+    assert str(path) in str(e.value) and isinstance(e.value, (CheckpointFormatError, FileNotFoundError))
+
+
+def test_logprobs_match_hf_over_real_vocab(workdir, tp1):
+    """Next-token log-probs (the trainer's vocab_parallel_logprobs, real vocab) vs HF's float64 log_softmax."""
+    from megatron_offgrpo.models.parity import compare_logprobs, reference_next_token_logprobs
+
+    tokens = workdir["tokens"]
+    for fam in FAMILIES:
+        ref = reference_next_token_logprobs(workdir["hf_logits"][fam], tokens)
+        assert compare_logprobs(ref, tp1[fam]["logprobs"])["max_abs_logprob_diff"] <= TOL, fam
+        # The check sees padding inside the softmax, which stripping logits before comparing cannot.
+        assert compare_logprobs(ref, tp1[fam]["logprobs_padding_in_softmax"])["max_abs_logprob_diff"] > 100 * TOL, fam
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_zero_padded_vocab_rows_matches_dense_expectation(world):
+    results = run_on_ranks(_zero_padding_worker, world)
+    for rank, res in enumerate(results):
+        assert "must be in [1, 256]" in (res["too_large"] or "no error")
+        for (tied, real), r in ((k, v) for k, v in res.items() if isinstance(k, tuple)):
+            assert r["no_output"] == tied  # tied at PP=1: the output layer reuses the embedding
+            assert set(r["after"]) == ({"embedding"} if tied else {"embedding", "output"})
+            for name, before in r["before"].items():
+                assert before.shape == (256, 64)
+                assert (before[real:] != 0).any() or real == 256, "random init left the padding zero: vacuous"
+                expected = before.clone()
+                expected[real:] = 0
+                assert torch.equal(r["after"][name], expected), (rank, tied, real, name)
+
+
 def test_parity_check_detects_layout_bugs(workdir, tp1):
     """Negative controls: a naive [q; k; v] concatenation or swapped gate/up must fail the parity check."""
     ref = workdir["hf_logits"]["qwen3"]
@@ -360,6 +480,15 @@ def test_tp2_logits_match_hf(workdir, multi, family):
         _assert_close(workdir["hf_logits"][family], rank_result[f"tp2/{family}"])
 
 
+@pytest.mark.parametrize("family", TP2_FAMILIES)
+def test_tp2_logprobs_match_hf_over_real_vocab(workdir, multi, family):
+    from megatron_offgrpo.models.parity import compare_logprobs, reference_next_token_logprobs
+
+    ref = reference_next_token_logprobs(workdir["hf_logits"][family], workdir["tokens"])
+    for rank_result in multi:
+        assert compare_logprobs(ref, rank_result[f"tp2_logprobs/{family}"])["max_abs_logprob_diff"] <= TOL
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen2_tied"])
 def test_checkpoint_written_at_tp2_loads_at_tp1(workdir, multi, family):
     ref = workdir["hf_logits"][family]
@@ -391,6 +520,7 @@ def test_clis_end_to_end(workdir, tp1, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["max_abs_diff"] <= TOL and result["top1_agreement"] == 1.0
+    assert result["max_abs_logprob_diff"] <= TOL and result["vocab_size"] == VOCAB
     p = run("mcore_to_hf.py", "--ckpt", str(tmp_path / "mc"), "--hf-template", hf, "--out", str(tmp_path / "hf"),
             "--no-progress")  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]

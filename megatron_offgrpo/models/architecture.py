@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Union
 
+from megatron_offgrpo.models.errors import CorruptCheckpointFileError, MissingCheckpointFileError
+
 __all__ = [
     "ModelArchitecture",
     "UnsupportedArchitectureError",
@@ -107,14 +109,36 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, make_vocab_size_divisible_by
 
 
 def load_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
-    """A HF config as a plain dict, from a dict, a ``config.json`` path or a model directory."""
+    """A HF config as a plain dict, from a dict, a ``config.json`` path or a model directory.
+
+    Raises :class:`~megatron_offgrpo.models.errors.MissingCheckpointFileError` (a ``FileNotFoundError``) when
+    the directory or its ``config.json`` does not exist and
+    :class:`~megatron_offgrpo.models.errors.CorruptCheckpointFileError` (a ``ValueError``) when the file is
+    not a JSON object; both messages name the path.
+    """
     if isinstance(source, Mapping):
         return dict(source)
     path = os.fspath(source)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    with open(path) as f:
-        return json.load(f)
+    if not os.path.isfile(path):
+        parent = os.path.dirname(path) or "."
+        missing = path if os.path.isdir(parent) else f"directory {parent}"
+        raise MissingCheckpointFileError(
+            f"{missing} not found: pass the Hugging Face model directory that holds config.json "
+            "(and the *.safetensors weights)",
+            path=path,
+        )
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointFileError(
+            f"{path} is not valid JSON ({e}): restore the model's config.json from its source", path=path
+        ) from None
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointFileError(f"{path} is not a JSON object: restore the model's config.json", path=path)
+    return cfg
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from tqdm import tqdm
 
-from megatron_offgrpo.models.architecture import ModelArchitecture, model_config_from_hf
+from megatron_offgrpo.models.architecture import ModelArchitecture, load_hf_config, model_config_from_hf
 from megatron_offgrpo.models.checkpoint import (
     checkpoint_dtype,
     checkpoint_padded_vocab_size,
@@ -24,6 +24,7 @@ from megatron_offgrpo.models.checkpoint import (
     load_model_checkpoint,
     read_checkpoint_metadata,
     save_model_checkpoint,
+    verify_checkpoint_files,
     write_checkpoint_metadata,
 )
 from megatron_offgrpo.models.conversion import (
@@ -87,22 +88,27 @@ def convert_hf_to_mcore(
     """Convert a HF checkpoint directory into a Megatron ``dist_checkpointing`` checkpoint; returns its metadata.
 
     ``dtype`` defaults to the HF config's ``torch_dtype``/``dtype`` (float32 if absent). Every parameter of
-    the Megatron model must be filled and every HF tensor consumed; otherwise the error names the tensors.
+    the Megatron model must be filled and every HF tensor consumed; otherwise the error names the tensors. A
+    missing ``config.json`` or a missing / truncated shard raises
+    :class:`~megatron_offgrpo.models.errors.CheckpointFormatError` naming the file, before the model is built.
+    ``offgrpo_model.json`` records the real (``vocab_size``) and padded (``padded_vocab_size``) vocabulary.
     """
-    arch = model_config_from_hf(hf_dir)
+    hf_cfg = load_hf_config(hf_dir)
+    arch = model_config_from_hf(hf_cfg)
     _validate_layout(arch, tp, pp, ep)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf_cfg = json.load(f)
     dtype = parse_dtype(dtype) or parse_dtype(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32")
     padded = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"output directory {out_dir} is not empty")
+    # Opening the reader checks every shard's header against its size: a truncated download fails here, naming
+    # the file, before a (possibly 100 GB) model is built.
+    reader = SafetensorsReader(hf_dir)
 
     ensure_single_process_parallel_state()
     model = build_model_for_checkpoint(arch, padded, dtype)
     params = dict(model.named_parameters())
     filled = set()
-    with SafetensorsReader(hf_dir) as reader:
+    with reader:
         pairs = hf_to_mcore_tensors(arch, reader.get, padded)
         for name, tensor in tqdm(pairs, total=len(params), desc="hf->mcore", unit="tensor", disable=not progress):
             target = params.get(name)
@@ -129,7 +135,7 @@ def convert_hf_to_mcore(
     meta = dict(source=os.path.abspath(hf_dir), source_format="hf", target_tp=tp, target_pp=pp, target_ep=ep,
                 dtype=_DTYPE_NAMES[dtype], make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     write_checkpoint_metadata(out_dir, arch, padded, **meta)
-    return {"architecture": arch, "padded_vocab_size": padded, **meta}
+    return {"architecture": arch, "vocab_size": arch.vocab_size, "padded_vocab_size": padded, **meta}
 
 
 _ARCH_FIELDS_TO_MATCH = (
@@ -161,11 +167,15 @@ def convert_mcore_to_hf(
     The architecture comes from ``hf_template``'s ``config.json`` (checked against the checkpoint's recorded
     one); vocabulary padding is stripped; weights are written as sharded safetensors with an index, in
     ``dtype`` (default: the checkpoint's); config, tokenizer and generation files are copied from the template.
-    Returns the weight map.
+    Returns the weight map. A missing or damaged file (the template's ``config.json``, a truncated ``.distcp``,
+    a corrupt ``offgrpo_model.json``) raises :class:`~megatron_offgrpo.models.errors.CheckpointFormatError`
+    naming it, before the model is built.
     """
     arch = model_config_from_hf(hf_template)
-    meta = read_checkpoint_metadata(ckpt_dir)
-    _check_template(arch, meta["architecture"] if meta else None)
+    # Every file of the checkpoint is checked before the model is built (stat + metadata only).
+    verify_checkpoint_files(ckpt_dir)
+    meta = read_checkpoint_metadata(ckpt_dir)  # optional (not every saver writes it); validated when present
+    _check_template(arch, meta.get("architecture") if meta else None)
     padded = checkpoint_padded_vocab_size(ckpt_dir)
     if padded < arch.vocab_size:
         raise ShapeMismatchError(f"checkpoint embedding has {padded} rows < template vocab_size {arch.vocab_size}")
@@ -203,8 +213,7 @@ def _copy_template_files(hf_template: str, out_dir: str, dtype: torch.dtype) -> 
         if entry.endswith(".index.json"):
             continue
         shutil.copy2(src, os.path.join(out_dir, entry))
-    with open(os.path.join(hf_template, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = load_hf_config(hf_template)
     # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both consistent with the weights.
     for key in ("torch_dtype", "dtype"):
         if key in cfg or key == "torch_dtype":

@@ -5,7 +5,11 @@
 
 The checkpoint loads under any TP/PP/EP (dist_checkpointing reshards); --tp fixes the vocabulary padding
 (multiple of --make-vocab-size-divisible-by * tp, recorded in offgrpo_model.json) and, with --pp/--ep, is
-validated against the model's head / layer / expert counts.
+validated against the model's head / layer / expert counts. offgrpo_model.json records both the real
+vocabulary (vocab_size, the HF embedding rows) and the padded one.
+
+Exit code 2 with one "error: ..." line naming the file for a bad input: no config.json in --hf-dir, a missing
+or truncated safetensors shard, an unsupported architecture, a tensor of the wrong shape, a non-empty --out.
 """
 
 import argparse
@@ -39,4 +43,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's writer spawns helper processes
-    sys.exit(main())
+    from megatron_offgrpo.models.errors import run_cli
+
+    sys.exit(run_cli(main))  # a missing / damaged input: one "error: ..." line, exit code 2

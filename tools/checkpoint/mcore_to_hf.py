@@ -6,6 +6,9 @@
 Writes sharded safetensors + model.safetensors.index.json, config.json (dtype updated) and every non-weight
 file of the template (tokenizer, generation config, chat template), with the vocabulary padding stripped,
 so that transformers and vLLM load the directory directly.
+
+Exit code 2 with one "error: ..." line naming the file for a bad input: no config.json in --hf-template, a
+missing or truncated .distcp / .metadata in --ckpt, a damaged offgrpo_model.json, a template of another model.
 """
 
 import argparse
@@ -33,4 +36,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's loader may spawn helper processes
-    sys.exit(main())
+    from megatron_offgrpo.models.errors import run_cli
+
+    sys.exit(run_cli(main))  # a missing / damaged input: one "error: ..." line, exit code 2
