@@ -85,7 +85,7 @@ def _batch(args, arch, device):
     return [t.to(device) for t in (tokens, labels, mask, ref, adv, pos)]
 
 
-def _step(variant: str, model, batch) -> None:
+def _step(variant: str, model, batch, vocab_size: int) -> None:
     from megatron_offgrpo.losses import policy_loss, vocab_parallel_logprobs
 
     tokens, labels, mask, ref, adv, pos = batch
@@ -94,7 +94,7 @@ def _step(variant: str, model, batch) -> None:
         loss = (per_token.float() * mask).sum() / mask.sum()
     else:
         logits = model(tokens, pos, None)
-        logp = vocab_parallel_logprobs(logits, labels)
+        logp = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size)  # padding outside the softmax
         loss, _ = policy_loss(logp, mask, adv, kind="offline_grpo", ref_logprobs=ref)
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ def measure(variant: str, args) -> Dict[str, float]:
     arch, model = _build(args)
     device = "cuda" if args.device == "cuda" else "cpu"
     batch = _batch(args, arch, device)
-    _step(variant, model, batch)  # warm-up: allocator, kernels
+    _step(variant, model, batch, arch.vocab_size)  # warm-up: allocator, kernels
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     if device == "cuda":
@@ -124,7 +124,7 @@ def measure(variant: str, args) -> Dict[str, float]:
     for _ in range(args.reps):
         sync()
         t0 = time.perf_counter()
-        _step(variant, model, batch)
+        _step(variant, model, batch, arch.vocab_size)
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024

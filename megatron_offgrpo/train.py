@@ -21,14 +21,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--validate-only", action="store_true", help="validate the config and exit")
     args = parser.parse_args(argv)
 
-    from megatron_offgrpo.config import ConfigError, config_to_yaml, load_config, validate_config
+    from megatron_offgrpo.config import ConfigError, config_to_yaml, load_and_validate_config, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            print(config_to_yaml(cfg), end="")
+            print(config_to_yaml(load_config(args.config, args.overrides)), end="")
             return 0
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        # Everything (unknown keys, types, ranges, layout, dataset files against their manifest) is checked
+        # here, before any process group or allocation, and reported at once.
+        cfg = load_and_validate_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -36,10 +37,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("config OK")
         return 0
 
+    from megatron_offgrpo.data.dataset import DatasetFormatError
+    from megatron_offgrpo.training.checkpointing import CheckpointFormatError, CheckpointMismatchError
+    from megatron_offgrpo.training.guard import NonFiniteError
     from megatron_offgrpo.training.loop import train
 
-    result = train(cfg)
-    return 0 if result.stopped_by in ("completed", "signal", "time_limit") else 1
+    try:
+        result = train(cfg)
+    except (CheckpointMismatchError, CheckpointFormatError, DatasetFormatError, NonFiniteError) as e:
+        # Problems of the inputs, found by every rank alike: one line naming the file and the fix, no traceback.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.stopped_by == "nonfinite":
+        return 1  # the warning above names the steps and the sequences
+    return 0
 
 
 if __name__ == "__main__":

@@ -169,3 +169,23 @@ def test_auto_backend_picks_triton_on_cuda(monkeypatch):
     assert called
     with pytest.raises(RuntimeError, match="triton"):
         vocab_parallel_logprobs(logits.cpu(), targets.cpu(), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_excludes_the_padded_vocabulary(dtype):
+    """Megatron's padding columns: outside the softmax, zero gradient, same numbers as the torch path."""
+    real = 10007
+    logits, targets, upstream = _inputs(9, real + 121, dtype)
+    logits[:, real:] = 30.0  # padding that would dominate every softmax if it were counted
+    targets = targets % real
+    out = {}
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_(True)
+        lp = vocab_parallel_logprobs(x, targets, backend=backend, vocab_size=real)
+        lp.backward(upstream)
+        out[backend] = (lp, x.grad)
+    ref, ref_grad = _ref(logits[:, :real], targets, upstream)
+    assert_close(out["triton"][0], ref)
+    assert torch.equal(out["triton"][1][:, real:], torch.zeros_like(out["triton"][1][:, real:]))
+    assert_close(out["triton"][1][:, :real], ref_grad, rtol=GRAD_RTOL[dtype])
+    assert_close(out["triton"][0], out["torch"][0])

@@ -98,6 +98,38 @@ def test_logprobs_rejects_out_of_vocab_targets_and_bad_shapes():
         vocab_parallel_logprobs(logits, targets[:, :-1])
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_vocabulary_columns_are_outside_the_softmax(chunk_size, dtype):
+    """Megatron pads the output layer; with ``vocab_size`` the padding is not a token: the log-probs equal the
+    float64 log-softmax over the real columns alone, and the padded columns get exactly zero gradient."""
+    logits, targets, _ = _batch(V=13)
+    real = 10
+    targets = targets % real
+    logits[..., real:] = torch.tensor([0.0, 25.0, -3.0])  # zero rows (as converted) and garbage alike
+    x = logits.to(dtype).requires_grad_(True)
+    lp = vocab_parallel_logprobs(x, targets, chunk_size=chunk_size, vocab_size=real)
+    x64 = x.detach().double()[..., :real].requires_grad_(True)
+    ref = ref_logprobs(x64, targets)
+    assert_close(lp, ref)
+    # Without the real vocabulary the padding is inside the partition function: a different number.
+    assert (vocab_parallel_logprobs(x.detach(), targets) - lp).abs().max() > 1.0
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))
+    lp.backward(upstream)
+    ref.backward(upstream.double())
+    assert torch.equal(x.grad[..., real:], torch.zeros_like(x.grad[..., real:]))
+    assert_close(x.grad[..., :real].float(), x64.grad, rtol=1e-2 if dtype == torch.bfloat16 else RTOL)
+
+
+def test_padded_vocabulary_rejects_padding_targets_and_bad_sizes():
+    logits, targets, _ = _batch(V=13)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        vocab_parallel_logprobs(logits, targets.clamp(max=9).index_fill(1, torch.tensor([0]), 11), vocab_size=10)
+    for bad in (0, 14):
+        with pytest.raises(ValueError, match="vocab_size"):
+            vocab_parallel_logprobs(logits, targets % 10, vocab_size=bad)
+
+
 def test_logprobs_backward_memory_does_not_keep_fp32_copy():
     """The only tensor saved for backward of vocab size is the logits themselves (no fp32 log-softmax)."""
     logits, targets, _ = _batch(B=4, T=64, V=512)

@@ -124,6 +124,42 @@ def test_tp_and_cp_layouts_equal_the_float64_single_rank_loss():
                 assert abs(parts[0][2] + parts[1][2] - expected.item()) > 1e-3, (kind, agg)
 
 
+REAL_V = 21  # TP=4: rank 2 holds 16..23 (5 real columns), rank 3 only padding; TP=2: rank 1 holds 16..31
+
+
+def _padded_worker(rank, world):
+    """Log-probs and gradients of logits whose columns >= REAL_V are Megatron's vocabulary padding."""
+    dist.init_process_group("gloo")
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    logits, targets, _, _, _, _ = _inputs("offline_grpo")
+    logits[..., REAL_V:] = 30.0  # padding that would dominate every softmax if it were counted
+    targets = targets % REAL_V
+    upstream = torch.randn(B, T, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for name, tp, group, tp_rank in [("tp4", 4, dist.group.WORLD, rank), ("tp2", 2, pairs[rank // 2], rank % 2)]:
+        width = V // tp
+        shard = logits[..., tp_rank * width : (tp_rank + 1) * width].clone().requires_grad_(True)
+        lp = vocab_parallel_logprobs(shard, targets, tp_group=group, chunk_size=5, vocab_size=REAL_V)
+        lp.backward(upstream)
+        out[name] = (lp.detach(), shard.grad)
+    return out
+
+
+def test_padded_vocabulary_under_tp_equals_float64_over_the_real_columns():
+    results = run_on_ranks(_padded_worker, 4)
+    logits, targets, _, _, _, _ = _inputs("offline_grpo")
+    targets = targets % REAL_V
+    x64 = logits[..., :REAL_V].double().requires_grad_(True)
+    expected = ref_logprobs(x64, targets)
+    expected.backward(torch.randn(B, T, generator=torch.Generator().manual_seed(3)).double())
+    for name, ranks in [("tp4", [0, 1, 2, 3]), ("tp2", [0, 1]), ("tp2", [2, 3])]:
+        for r in ranks:
+            assert torch.allclose(results[r][name][0].double(), expected, rtol=1e-5, atol=1e-6), (name, r)
+        grad = torch.cat([results[r][name][1] for r in ranks], dim=-1)
+        assert torch.equal(grad[..., REAL_V:], torch.zeros_like(grad[..., REAL_V:])), name
+        assert torch.allclose(grad[..., :REAL_V].double(), x64.grad, rtol=1e-5, atol=1e-7), name
+
+
 def _megatron_group_worker(rank, world):
     from megatron_offgrpo.utils.cpu_backend import initialize_cpu_model_parallel
 

@@ -43,7 +43,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    train_prefix: str = "???"  # P of P.bin / P.idx / P.json (tools/preprocess/build_dataset.py)
+    train_prefix: str = ""  # required: P of P.bin / P.idx / P.json (tools/preprocess/build_dataset.py)
     valid_prefix: Optional[str] = None
     groups_per_batch: int = 4  # groups per optimizer step (all DP ranks together)
     group_size: int = 8  # G: trajectories drawn per group
@@ -55,6 +55,9 @@ class DataConfig:
     pad_token_id: int = 0
     num_epochs: Optional[int] = None  # null = as many as train_steps needs
     seed: int = 1234
+    # Before anything starts, the dataset is checked against its manifest (sizes, index hashes, index sanity,
+    # per-token array alignment). true also hashes the whole .bin files and scans the per-token arrays for NaN.
+    verify_full: bool = False
 
 
 @dataclass
@@ -84,8 +87,13 @@ class OptimizerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # max global gradient norm; 0 = no clipping
     initial_loss_scale: float = 4096.0  # fp16 only (dynamic loss scaling)
+    # A step whose loss or gradient norm is NaN / inf never updates the weights. skip: drop that update and go on
+    # (the run stops after max_consecutive_skips such steps in a row); stop: stop at the first one. Nothing
+    # non-finite is ever saved.
+    on_nonfinite: str = "skip"  # skip | stop
+    max_consecutive_skips: int = 5
 
 
 @dataclass

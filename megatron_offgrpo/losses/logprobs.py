@@ -16,6 +16,12 @@ the sum of rescaled partition functions together with the owned target logit), i
 Backward: ``d logp / d x = onehot(target) - softmax(x)`` on the local shard, recomputed chunk by chunk from the
 saved logits and the saved global logsumexp, written straight into the gradient buffer in the logits' dtype.
 
+Real vocabulary: Megatron pads the output layer to a multiple of ``make_vocab_size_divisible_by x TP`` rows. Those
+columns are not tokens: with ``vocab_size`` given, every column whose global id is ``>= vocab_size`` is excluded
+from the softmax (as if its logit were ``-inf``) on the rank that owns it, and its gradient is exactly 0, so the
+padded output rows never move. The exclusion costs nothing: the kernels simply read the real columns only (a
+narrower view of the same memory); the padded columns of the gradient are zero-filled.
+
 Backends: on CUDA (when Triton is usable) the local logsumexp / target logit and the gradient come from fused
 Triton kernels (``triton_logprobs``) that accumulate in fp32 registers while reading the logits once per pass,
 so ``chunk_size`` is unused and the only temporaries are ``[tokens]`` vectors; elsewhere the chunked torch code
@@ -102,10 +108,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         tp_group: Optional[dist.ProcessGroup],
         chunk_size: int,
         use_triton: bool,
+        vocab_size: int,
     ) -> torch.Tensor:
         n, v_local = logits.shape
         rank = dist.get_rank(tp_group) if tp_group is not None else 0
         vocab_start = rank * v_local
+        # Columns [v_real, v_local) of this shard are Megatron's vocabulary padding: every read below goes through
+        # the narrowed view `real`, so they never enter the partition function. A shard of padding only (v_real 0)
+        # contributes logsumexp -inf, which the cross-rank combine turns into exp(-inf) = 0.
+        v_real = min(v_local, max(0, vocab_size - vocab_start))
+        real = logits[:, :v_real]
 
         if use_triton:
             from . import triton_logprobs
@@ -114,17 +126,19 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             # here rather than in each kernel call, so that backward reuses the saved copy.
             if logits.stride(-1) != 1:
                 logits = logits.contiguous()
+                real = logits[:, :v_real]
             # Already 0 where another rank owns the target.
-            local_lse, target_logit = triton_logprobs.local_logsumexp_and_target(logits, targets, vocab_start)
+            local_lse, target_logit = triton_logprobs.local_logsumexp_and_target(real, targets, vocab_start)
         else:
-            local_targets, owned = _local_targets(targets, vocab_start, v_local)
-            local_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-            target_logit = torch.empty(n, dtype=torch.float32, device=logits.device)
-            for s, e in _chunks(n, chunk_size):
-                chunk = logits[s:e].float()  # fp32 copy of one chunk only
-                local_lse[s:e] = torch.logsumexp(chunk, dim=-1)
-                target_logit[s:e] = chunk.gather(-1, local_targets[s:e, None]).squeeze(-1)
-            target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+            local_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=logits.device)
+            target_logit = torch.zeros(n, dtype=torch.float32, device=logits.device)
+            if v_real > 0:
+                local_targets, owned = _local_targets(targets, vocab_start, v_real)
+                for s, e in _chunks(n, chunk_size):
+                    chunk = real[s:e].float()  # fp32 copy of one chunk only
+                    local_lse[s:e] = torch.logsumexp(chunk, dim=-1)
+                    target_logit[s:e] = chunk.gather(-1, local_targets[s:e, None]).squeeze(-1)
+                target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
 
         if tp_group is None:
             lse = local_lse
@@ -139,6 +153,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
         ctx.save_for_backward(logits, targets, lse)
         ctx.vocab_start = vocab_start
+        ctx.v_real = v_real
         ctx.chunk_size = chunk_size
         ctx.use_triton = use_triton
         return target_logit - lse
@@ -146,26 +161,32 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         logits, targets, lse = ctx.saved_tensors
+        n, v_local = logits.shape
+        v_real = ctx.v_real
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        # The padded columns take no part in the loss: their gradient is exactly zero (so Adam never moves them).
+        grad_logits[:, v_real:].zero_()
+        if v_real == 0:
+            return grad_logits, None, None, None, None, None
         if ctx.use_triton:
             from . import triton_logprobs
 
-            grad_logits = triton_logprobs.logits_grad(logits, targets, ctx.vocab_start, lse, grad_output)
-            return grad_logits, None, None, None, None
+            triton_logprobs.logits_grad(logits[:, :v_real], targets, ctx.vocab_start, lse, grad_output,
+                                        out=grad_logits[:, :v_real])
+            return grad_logits, None, None, None, None, None
 
-        n, v_local = logits.shape
-        local_targets, owned = _local_targets(targets, ctx.vocab_start, v_local)
+        local_targets, owned = _local_targets(targets, ctx.vocab_start, v_real)
         grad_output = grad_output.float()
-        grad_logits = torch.empty_like(logits)
         owned_grad = torch.where(owned, grad_output, torch.zeros_like(grad_output))
         for s, e in _chunks(n, ctx.chunk_size):
             # -g * softmax(x), computed in place on an fp32 *copy* of the chunk to keep one temporary per chunk
             # (copy=True: for fp32 logits .float() would alias the saved logits and corrupt them).
-            chunk = logits[s:e].to(torch.float32, copy=True)
+            chunk = logits[s:e, :v_real].to(torch.float32, copy=True)
             chunk.sub_(lse[s:e, None]).exp_().mul_(-grad_output[s:e, None])
             # + g * onehot(target), only on the rank that owns the target id.
             chunk.scatter_add_(-1, local_targets[s:e, None], owned_grad[s:e, None])
-            grad_logits[s:e].copy_(chunk)
-        return grad_logits, None, None, None, None
+            grad_logits[s:e, :v_real].copy_(chunk)
+        return grad_logits, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -174,18 +195,24 @@ def vocab_parallel_logprobs(
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Log-probabilities of ``targets`` under vocab-parallel ``logits``, in fp32.
+    """Log-probabilities of ``targets`` under vocab-parallel ``logits``, in fp32, over the real vocabulary.
 
     Args:
         logits: ``[..., V_local]`` in any float dtype; this rank's contiguous slice of the (padded) vocabulary.
-        targets: ``[...]`` int64 *global* vocabulary ids (same leading shape as ``logits``).
+        targets: ``[...]`` int64 *global* vocabulary ids (same leading shape as ``logits``), ``< vocab_size``.
         tp_group: the tensor-parallel group the vocabulary is sharded over. ``None`` uses Megatron's TP group
             when ``parallel_state`` is initialized, else treats ``logits`` as the full vocabulary.
         chunk_size: tokens processed at once (bounds the extra memory); ``None`` picks about 128 MiB of fp32
             temporaries per chunk. Only the torch backend chunks; the Triton kernels need no temporaries.
         backend: ``"auto"`` (Triton kernels for CUDA logits when Triton is usable, else torch), ``"torch"`` or
             ``"triton"``; ``None`` reads ``MEGATRON_OFFGRPO_LOGPROBS_BACKEND`` and defaults to ``"auto"``.
+        vocab_size: the *real* vocabulary (the HF model's embedding rows); columns with a global id
+            ``>= vocab_size`` are Megatron's padding and are excluded from the softmax, with zero gradient.
+            ``None`` treats every column as real. Models built by this project must always pass it (the trainer,
+            scoring and parity checks do): padding inside the softmax biases every log-prob by a
+            layout-dependent amount.
 
     Returns:
         fp32 ``[...]`` log-probabilities, differentiable w.r.t. ``logits`` (the gradient has ``logits.dtype``).
@@ -207,11 +234,17 @@ def vocab_parallel_logprobs(
     flat_logits = logits.reshape(-1, v_local)
     flat_targets = targets.reshape(-1).long()
     world = dist.get_world_size(group) if group is not None else 1
-    if flat_targets.numel() and (flat_targets.min() < 0 or flat_targets.max() >= v_local * world):
+    padded = v_local * world
+    if vocab_size is None:
+        vocab_size = padded
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {padded}] (local vocab {v_local} x tp {world})")
+    if flat_targets.numel() and (flat_targets.min() < 0 or flat_targets.max() >= vocab_size):
         raise ValueError(
-            f"target ids must lie in [0, {v_local * world}) (local vocab {v_local} x tp {world}); got "
-            f"[{int(flat_targets.min())}, {int(flat_targets.max())}]. Mask padding with a valid id such as 0."
+            f"target ids must lie in [0, {vocab_size}) (the real vocabulary; logits cover {padded} = local "
+            f"{v_local} x tp {world}); got [{int(flat_targets.min())}, {int(flat_targets.max())}]. Mask padding "
+            "with a valid id such as 0."
         )
     use_triton = _use_triton(flat_logits, backend)
-    out = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, int(chunk_size), use_triton)
+    out = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, int(chunk_size), use_triton, int(vocab_size))
     return out.reshape(lead_shape)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -132,12 +132,19 @@ def logits_grad(
     vocab_start: int,
     lse: torch.Tensor,
     grad_output: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``grad_output[n] * (onehot(targets[n] - vocab_start) - exp(logits - lse[n]))`` as a new contiguous
-    tensor in ``logits.dtype``; ``lse`` is the global (all-reduced) fp32 logsumexp per row."""
+    """``grad_output[n] * (onehot(targets[n] - vocab_start) - exp(logits - lse[n]))`` in ``logits.dtype``;
+    ``lse`` is the global (all-reduced) fp32 logsumexp per row. Written into ``out`` when given (any row stride,
+    unit vocabulary stride: e.g. the real-vocabulary columns of a wider gradient buffer), else a new tensor."""
     logits = _unit_vocab_stride(logits)
     n, v_local = logits.shape
-    grad = torch.empty((n, v_local), dtype=logits.dtype, device=logits.device)
+    if out is None:
+        grad = torch.empty((n, v_local), dtype=logits.dtype, device=logits.device)
+    else:
+        if out.shape != logits.shape or out.dtype != logits.dtype or out.stride(-1) != 1:
+            raise ValueError(f"out must be {tuple(logits.shape)} {logits.dtype} with unit vocabulary stride")
+        grad = out
     if n == 0:
         return grad
     grid = (n, -(-v_local // BWD_BLOCK_V))  # ceil division

@@ -27,8 +27,15 @@ import torch.distributed as dist
 
 from megatron_offgrpo.config.loader import config_to_yaml
 from megatron_offgrpo.config.schema import TrainConfig
+from megatron_offgrpo.data.atomic import atomic_write_bytes
+from megatron_offgrpo.models.errors import (
+    CheckpointFormatError,
+    CorruptCheckpointFileError,
+    MissingCheckpointFileError,
+)
 
-__all__ = ["CheckpointMismatchError", "run_identity", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["CheckpointMismatchError", "CheckpointFormatError", "read_train_state", "verify_resume_checkpoint",
+           "run_identity", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 # Distributed-optimizer state in a layout-independent form, so a checkpoint can be loaded under another TP/PP.
@@ -40,14 +47,22 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def run_identity(cfg: TrainConfig) -> Dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the checkpoint (parallel layout excluded)."""
+    """The settings a resumed run must share with the run that wrote the checkpoint (parallel layout excluded).
+
+    The dataset is identified by its content (sizes and hashes of its files, from the manifest), not its path:
+    a dataset copied to another file system resumes, a rebuilt one with other content is refused.
+    """
+    from megatron_offgrpo.config.loader import required_arrays
+    from megatron_offgrpo.data.verify import dataset_fingerprint
+
     m, d, loss = cfg.model, cfg.data, cfg.loss
     return {
         "model.architecture": m.architecture,
         "model.tiny": [m.tiny_vocab_size, m.tiny_num_layers, m.tiny_hidden_size] if m.architecture == "tiny" else None,
         "loss.kind": loss.kind,
         "loss.agg": loss.agg,
-        "data.train_prefix": os.path.abspath(d.train_prefix),
+        # The arrays the run reads are part of its data; attaching another one later does not change identity.
+        "data.content": dataset_fingerprint(d.train_prefix, per_token_arrays=required_arrays(loss)),
         "data.groups_per_batch": d.groups_per_batch,
         "data.group_size": d.group_size,
         "data.seed": d.seed,
@@ -96,17 +111,23 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(ckpt_dir, name)
     if not _ITER_RE.match(name) or not os.path.isdir(path):
-        raise RuntimeError(f"{tracker} names {name!r}, which is not a checkpoint directory in {ckpt_dir}")
+        raise CorruptCheckpointFileError(
+            f"{tracker} names {name!r}, which is not a checkpoint directory in {ckpt_dir}; write the name of a "
+            f"complete iter_NNNNNNN directory into it, or set checkpoint.resume=false", path=tracker)
     return path
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def verify_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Check the checkpoint a run would resume from, cheaply (its ``train_state.json``, and every ``.distcp`` file
+    against the sizes its metadata records); return its path, or None if there is none. Raises a
+    :class:`CheckpointFormatError` naming the file and the fix."""
+    from megatron_offgrpo.models.checkpoint import verify_checkpoint_files
+
+    path = latest_checkpoint(ckpt_dir)
+    if path is not None:
+        read_train_state(path)
+        verify_checkpoint_files(path)
+    return path
 
 
 def save_checkpoint(
@@ -119,7 +140,21 @@ def save_checkpoint(
     cfg: TrainConfig,
     extra: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """Save on every rank (collective); returns the final checkpoint path."""
+    """Save on every rank (collective); returns the final checkpoint path.
+
+    Refuses (:class:`~megatron_offgrpo.training.guard.NonFiniteError`) a model with a NaN / inf weight, before
+    anything is written. SIGTERM / SIGUSR1 are deferred for the duration (see :mod:`.signals`): a preemption
+    signal arriving mid-save, even one sent to the whole process group, cannot break it.
+    """
+    from megatron_offgrpo.training.guard import assert_finite_model
+    from megatron_offgrpo.training.signals import signals_deferred
+
+    assert_finite_model(model_chunks)
+    with signals_deferred():
+        return _save_checkpoint(ckpt_dir, step, model_chunks, optimizer, scheduler, consumed_samples, cfg, extra)
+
+
+def _save_checkpoint(ckpt_dir, step, model_chunks, optimizer, scheduler, consumed_samples, cfg, extra) -> str:
     from megatron.core import dist_checkpointing
 
     name = f"iter_{step:07d}"
@@ -152,14 +187,38 @@ def save_checkpoint(
             "config_yaml": config_to_yaml(cfg),
             **(extra or {}),
         }
-        _write_atomic(os.path.join(tmp, "train_state.json"), json.dumps(state, indent=1))
+        atomic_write_bytes(os.path.join(tmp, "train_state.json"), json.dumps(state, indent=1).encode())
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(ckpt_dir, "latest"), name + "\n")
+        atomic_write_bytes(os.path.join(ckpt_dir, "latest"), (name + "\n").encode())
         _prune(ckpt_dir, cfg.checkpoint.keep_last)
     _barrier()
     return final
+
+
+def read_train_state(path: str) -> Dict[str, Any]:
+    """``path/train_state.json``, or a :class:`CheckpointFormatError` naming the file and what to do."""
+    file = os.path.join(path, "train_state.json")
+    hint = (f"the checkpoint is incomplete or damaged: resume from an older one by writing its name (e.g. "
+            f"{_older_name(path)}) into {os.path.join(os.path.dirname(path), 'latest')}, or remove {path}")
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{file}: missing; {hint}", path=file) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointFileError(f"{file}: not valid JSON ({e}); {hint}", path=file) from None
+    missing = [k for k in ("step", "consumed_samples", "scheduler", "identity") if k not in state]
+    if missing:
+        raise CorruptCheckpointFileError(f"{file}: missing field(s) {missing}; {hint}", path=file)
+    return state
+
+
+def _older_name(path: str) -> str:
+    ckpt_dir, name = os.path.split(os.path.normpath(path))
+    older = sorted(n for n in os.listdir(ckpt_dir) if _ITER_RE.match(n) and n < name) if os.path.isdir(ckpt_dir) else []
+    return older[-1] if older else "iter_NNNNNNN"
 
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
@@ -225,10 +284,14 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and (same world size) RNG from ``path``; return its train state."""
     from megatron.core import dist_checkpointing
 
-    with open(os.path.join(path, "train_state.json")) as f:
-        state = json.load(f)
+    from megatron_offgrpo.models.checkpoint import verify_checkpoint_files
+
+    state = read_train_state(path)
+    verify_checkpoint_files(path)  # a truncated / missing .distcp is named here, not deep inside the load
     expected = run_identity(cfg)
-    diff = {k: (state["identity"].get(k), v) for k, v in expected.items() if state["identity"].get(k) != v}
+    # Keys a checkpoint of an older version did not record are not compared (e.g. data.content).
+    diff = {k: (state["identity"][k], v) for k, v in expected.items()
+            if k in state["identity"] and state["identity"][k] != v}
     if diff and not allow_mismatch:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatchError(

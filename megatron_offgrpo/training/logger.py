@@ -72,7 +72,7 @@ class MetricsLogger:
             self._wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.3f}")
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics.get('kl', float('nan')):.3f}")
         if step % max(1, self.cfg.logging.log_interval) == 0:
             line = " | ".join(f"{k} {metrics[k]:{fmt}}" for k, fmt in _SHOWN.items() if k in metrics)
             self._write(f"step {step:>5} | {line}")
@@ -89,6 +89,13 @@ class MetricsLogger:
     def info(self, text: str) -> None:
         if self.active:
             self._write(text)
+
+    def warn(self, text: str) -> None:
+        """A problem the user must see (non-finite steps): on the console and in the TensorBoard text log."""
+        if self.active:
+            self._write(f"WARNING: {text}")
+            if self._tb is not None:
+                self._tb.add_text("warnings", text)
 
     def _write(self, text: str) -> None:
         if self._bar is not None:
@@ -125,8 +132,8 @@ class MetricsLogger:
         table.add_column(f"step {first['step']}", justify="right")
         table.add_column(f"step {last['step']}", justify="right")
         for k, fmt in _SHOWN.items():
-            if k in last:
-                table.add_row(k, f"{first[k]:{fmt}}", f"{last[k]:{fmt}}")
+            if k in first or k in last:  # a metric without data on a step (no negatives) shows "-", never 0
+                table.add_row(k, *(f"{h[k]:{fmt}}" if k in h else "-" for h in (first, last)))
         Console().print(table)
 
     def _plot(self, path: str) -> str:
@@ -135,20 +142,24 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [h["step"] for h in self.history]
+        def curve(key):
+            # Steps without data for `key` (e.g. no negative trajectory in the batch) are gaps, not zeros.
+            pts = [(h["step"], h[key]) for h in self.history if key in h]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-        axes[0].plot(steps, [h["loss"] for h in self.history], label="train loss")
+        axes[0].plot(*curve("loss"), label="train loss")
         if self.valid_history:
             axes[0].plot([v["step"] for v in self.valid_history], [v["loss"] for v in self.valid_history], "o-",
                          label="validation loss")
         axes[0].set_title("loss")
         axes[0].legend()
-        axes[1].plot(steps, [h["logprob_pos"] for h in self.history], label="positive trajectories", color="tab:green")
-        axes[1].plot(steps, [h["logprob_neg"] for h in self.history], label="negative trajectories", color="tab:red")
+        axes[1].plot(*curve("logprob_pos"), ".-", label="positive trajectories", color="tab:green")
+        axes[1].plot(*curve("logprob_neg"), ".-", label="negative trajectories", color="tab:red")
         axes[1].set_title("mean per-token log-prob")
         axes[1].legend()
-        axes[2].plot(steps, [h["kl"] for h in self.history], label="KL (k3)")
-        axes[2].plot(steps, [h["clip_frac"] for h in self.history], label="clip fraction")
+        axes[2].plot(*curve("kl"), label="KL (k3)")
+        axes[2].plot(*curve("clip_frac"), label="clip fraction")
         axes[2].set_title("KL / clip")
         axes[2].legend()
         for ax in axes:

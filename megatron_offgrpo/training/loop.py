@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import signal
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -10,8 +11,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_offgrpo.config.loader import required_arrays
 from megatron_offgrpo.config.schema import TrainConfig
 from megatron_offgrpo.training import checkpointing
+from megatron_offgrpo.training.guard import APPLIED, NONFINITE, gather_names, guarded_optimizer_step, summarize
 from megatron_offgrpo.training.logger import MetricsLogger
 from megatron_offgrpo.training.setup import (
     build_training_objects,
@@ -21,6 +24,7 @@ from megatron_offgrpo.training.setup import (
     model_parallel_sum,
     peak_memory_gib,
 )
+from megatron_offgrpo.training.signals import StopFlag, exit_when_parent_dies
 from megatron_offgrpo.training.step import StepBatch, build_step_batch, make_forward_step, reduce_step_metrics
 from megatron_offgrpo.utils.distributed import all_reduce_cpu
 
@@ -32,24 +36,10 @@ class TrainResult:
     """What a finished (or stopped) run reports; ``history`` is filled on rank 0 only."""
 
     last_step: int
-    stopped_by: str  # "completed" | "signal" | "time_limit"
+    stopped_by: str  # "completed" | "signal" | "time_limit" | "nonfinite" (the last is a failure)
     history: List[Dict[str, float]] = field(default_factory=list)
     checkpoint: Optional[str] = None
     curves_png: Optional[str] = None
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM sends these before preemption or the time limit)."""
-
-    def __init__(self) -> None:
-        self.signal: Optional[int] = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
-        self.signal = signum
 
 
 def _any_rank(flag: bool) -> bool:
@@ -65,7 +55,7 @@ def run_step(cfg: TrainConfig, objs, step_batch: StepBatch, forward_only: bool =
 
     dp = ps.get_data_parallel_world_size()
     num_micro = len(step_batch.microbatches)
-    forward_step = make_forward_step(cfg, step_batch, loss_scale=float(dp * num_micro))
+    forward_step = make_forward_step(cfg, step_batch, loss_scale=float(dp * num_micro), vocab_size=objs.vocab_size)
     iterators = [iter(step_batch.microbatches) for _ in objs.model]
     data_iterator = iterators if len(objs.model) > 1 else iterators[0]
     if not forward_only:
@@ -83,22 +73,25 @@ def run_step(cfg: TrainConfig, objs, step_batch: StepBatch, forward_only: bool =
     )
     contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     sums = reduce_step_metrics(outputs, contributes)
-    metrics = {
-        "loss": sums["loss"],
-        "kl": sums["kl_sum"] / max(sums["tokens"], 1.0),
-        "clip_frac": sums["clip_count"] / max(sums["tokens"], 1.0),
-        "prob_mean": sums["prob_sum"] / max(sums["tokens"], 1.0),
-        "logprob_pos": sums["logprob_pos_sum"] / max(sums["tokens_pos"], 1.0),
-        "logprob_neg": sums["logprob_neg_sum"] / max(sums["tokens_neg"], 1.0),
-        "adv_mean": step_batch.stats["advantage_sum"] / max(step_batch.stats["sequences"], 1.0),
-        "all_positive_frac": step_batch.stats["all_positive_groups"] / max(step_batch.stats["groups"], 1.0),
-    }
+    stats = step_batch.stats
+    # A mean over nothing is absent, never 0: a step without negatives has no negative log-prob.
+    means = {"kl": ("kl_sum", "tokens"), "clip_frac": ("clip_count", "tokens"), "prob_mean": ("prob_sum", "tokens"),
+             "logprob_pos": ("logprob_pos_sum", "tokens_pos"), "logprob_neg": ("logprob_neg_sum", "tokens_neg")}
+    metrics = {"loss": sums["loss"]}
+    metrics.update({k: sums[num] / sums[den] for k, (num, den) in means.items() if sums[den] > 0})
+    metrics["adv_mean"] = stats["advantage_sum"] / max(stats["sequences"], 1.0)
+    metrics["all_positive_frac"] = stats["all_positive_groups"] / max(stats["groups"], 1.0)
+    if not math.isfinite(metrics["loss"]):
+        # Rare path: find the sequences whose loss inputs are non-finite, on whichever ranks hold them.
+        local = [n for out in outputs for n in out.get("nonfinite", [])] if contributes else []
+        step_batch.nonfinite_sequences = gather_names(local)
     if not forward_only:
-        success, grad_norm, _ = objs.optimizer.step()
-        if success:
+        status, grad_norm = guarded_optimizer_step(objs.optimizer, metrics["loss"])
+        if status == APPLIED:
             objs.scheduler.step(increment=1)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["skipped"] = 0.0 if success else 1.0
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = 0.0 if status == APPLIED else 1.0
+        metrics["nonfinite"] = 1.0 if status == NONFINITE else 0.0
         metrics["lr"] = objs.optimizer.param_groups[0]["lr"]
     return metrics
 
@@ -128,16 +121,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     from megatron_offgrpo.data import GroupBatchSampler, TrajectoryDataset
 
     started = job_start_time()
-    stop = _StopFlag()
+    stop = StopFlag()
     if cfg.checkpoint.save_on_signal:
         stop.install()
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun does not forward SIGUSR1: its death must stop us
+            exit_when_parent_dies()
     initialize_distributed(cfg)
     rank0 = dist.get_rank() == 0
     objs = build_training_objects(cfg)
     dp_rank, dp_size = data_parallel_coordinates()
     cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
 
-    dataset = TrajectoryDataset(cfg.data.train_prefix)
+    dataset = TrajectoryDataset(cfg.data.train_prefix, per_token_arrays=required_arrays(cfg.loss))
     _check_teacher(cfg, dataset)
     start_step, consumed = 0, 0
     ck = cfg.checkpoint
@@ -152,7 +147,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         dataset.groups(), cfg.data.groups_per_batch, cfg.data.group_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.data.seed, consumed_samples=consumed, num_epochs=cfg.data.num_epochs,
     )
-    valid = TrajectoryDataset(cfg.data.valid_prefix) if cfg.data.valid_prefix and cfg.validation.interval else None
+    valid = (TrajectoryDataset(cfg.data.valid_prefix, per_token_arrays=required_arrays(cfg.loss))
+             if cfg.data.valid_prefix and cfg.validation.interval else None)
 
     n_params = model_parallel_sum(sum(p.numel() for c in objs.model for p in c.parameters()))
     arch = objs.arch
@@ -171,6 +167,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.log_validation(0, validate(cfg, objs, valid, cp_size, cp_rank))
     stopped_by = "completed"
     last_ckpt = None
+    nonfinite_streak: List[int] = []  # steps in a row whose update the non-finite guard refused
     while step < cfg.train_steps:
         batch_index = sampler.consumed_samples // sampler.global_batch_size
         if cfg.data.num_epochs is not None and batch_index >= sampler.batches_per_epoch * cfg.data.num_epochs:
@@ -194,6 +191,26 @@ def train(cfg: TrainConfig) -> TrainResult:
             epoch=float(batch_index // max(sampler.batches_per_epoch, 1)),
         )
         logger.log_step(step, metrics)
+        if metrics["nonfinite"]:
+            nonfinite_streak.append(step)
+            culprits = step_batch.nonfinite_sequences
+            logger.warn(
+                f"step {step}: non-finite {summarize(metrics)}: update skipped, weights unchanged"
+                + (f"; non-finite inputs in {', '.join(culprits[:8])}{' ...' if len(culprits) > 8 else ''}"
+                   if culprits else "")
+            )
+            opt = cfg.optimizer
+            if opt.on_nonfinite == "stop" or len(nonfinite_streak) >= opt.max_consecutive_skips:
+                stopped_by = "nonfinite"
+                logger.warn(
+                    f"stopping: {len(nonfinite_streak)} non-finite step(s) in a row (steps {nonfinite_streak[0]}-"
+                    f"{nonfinite_streak[-1]}, optimizer.on_nonfinite={opt.on_nonfinite}, max_consecutive_skips="
+                    f"{opt.max_consecutive_skips}); nothing saved since. Lower optimizer.lr, or fix the named data"
+                    + (f"; the last checkpoint is {last_ckpt}" if last_ckpt else "")
+                )
+                break
+        else:
+            nonfinite_streak = []
 
         if valid is not None and step % cfg.validation.interval == 0:
             logger.log_validation(step, validate(cfg, objs, valid, cp_size, cp_rank))
@@ -223,12 +240,13 @@ def validate(cfg: TrainConfig, objs, dataset, cp_size: int, cp_rank: int) -> Dic
         dataset.groups(), cfg.data.groups_per_batch, cfg.data.group_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.data.seed, num_epochs=1,
     )
-    totals: Dict[str, float] = {}
+    sums: Dict[str, List[float]] = {}
     n = min(cfg.validation.batches, sampler.batches_per_epoch)
     for b in range(n):
         step_batch = build_step_batch(_load_samples(dataset, sampler.rank_batch(b)), cfg, cp_size, cp_rank)
         with torch.no_grad():
             metrics = run_step(cfg, objs, step_batch, forward_only=True)
         for k in ("loss", "kl", "logprob_pos", "logprob_neg"):
-            totals[k] = totals.get(k, 0.0) + metrics[k] / n
-    return totals
+            if k in metrics:  # absent = no data in that batch (e.g. no negatives): averaged over the others
+                sums.setdefault(k, []).append(metrics[k])
+    return {k: sum(v) / len(v) for k, v in sums.items()}

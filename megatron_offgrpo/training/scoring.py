@@ -64,7 +64,7 @@ def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
             out = model(mb["tokens"].to(device), mb["positions"].to(device), None)
 
             def collect(logits):
-                logp = vocab_parallel_logprobs(logits, mb["labels"].to(logits.device))
+                logp = vocab_parallel_logprobs(logits, mb["labels"].to(logits.device), vocab_size=objs.vocab_size)
                 return logits.sum() * 0.0, {"logp": logp.detach().cpu()}
 
             return out, collect

@@ -72,7 +72,8 @@ class TrainingObjects:
     model: List[Any]  # DDP-wrapped model chunks (several with the interleaved schedule)
     optimizer: Any
     scheduler: Any
-    padded_vocab_size: int
+    padded_vocab_size: int  # rows of the embedding / output layer (Megatron's padding included)
+    vocab_size: int  # the real vocabulary: columns >= it are padding, excluded from every softmax
 
 
 def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
@@ -86,7 +87,9 @@ def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
         build_gpt_model,
         build_transformer_config,
         checkpoint_padded_vocab_size,
+        checkpoint_vocab_size,
         load_model_checkpoint,
+        zero_padded_vocab_rows,
     )
 
     m, par, opt = cfg.model, cfg.parallel, cfg.optimizer
@@ -104,6 +107,11 @@ def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
         sequence_parallel=par.sequence_parallel, fp8=m.fp8, fp8_recipe=m.fp8_recipe, **overrides,
     )
     vocab = checkpoint_padded_vocab_size(m.load) if m.load else arch.padded_vocab_size(par.tp, m.make_vocab_size_divisible_by)
+    if m.load and checkpoint_vocab_size(m.load) != arch.vocab_size:
+        raise ValueError(
+            f"model.load={m.load} was converted from a model with vocabulary {checkpoint_vocab_size(m.load)}, but "
+            f"model.architecture={m.architecture} has {arch.vocab_size}: point both at the same model"
+        )
     backend = {"auto": "auto", "local": "local", "te": "te"}[m.transformer_impl]
 
     chunks = []
@@ -118,6 +126,9 @@ def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
         )
         if m.load:
             load_model_checkpoint(chunk, m.load)
+        else:
+            # Random init: make the padding rows what a converted checkpoint has (zeros); they never train.
+            zero_padded_vocab_rows(chunk, arch.vocab_size)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
@@ -159,7 +170,7 @@ def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
-    return TrainingObjects(arch, tconfig, model, optimizer, scheduler, vocab)
+    return TrainingObjects(arch, tconfig, model, optimizer, scheduler, vocab, arch.vocab_size)
 
 
 def data_parallel_coordinates() -> tuple:

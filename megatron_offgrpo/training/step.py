@@ -9,7 +9,7 @@ sum of all microbatch losses over all DP / CP ranks is the step's loss; multiply
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_offgrpo.config.schema import TrainConfig
+from megatron_offgrpo.data.format import PER_TOKEN_ARRAYS
 from megatron_offgrpo.utils.distributed import all_reduce_cpu
 from megatron_offgrpo.losses import (
     group_advantages,
@@ -56,6 +57,7 @@ class Microbatch:
     rewards: torch.Tensor
     sequence_token_counts: torch.Tensor
     arrays: Dict[str, torch.Tensor]
+    names: List[str]  # one per row, for messages: "sequence 17 (group 3, rollout 2)"
     # Packing (data.packing): tokens / position_ids / labels are one THD row [1, t_local]; loss_mask and arrays are
     # unpacked to [B, n_max] (one row per sequence, so that the loss core's per-row normalisation stays per
     # sequence); `unpack_index` [B, n_max] maps those rows back into the flat local row.
@@ -71,12 +73,19 @@ class StepBatch:
     num_sequences: float  # N_seq of the global batch (positive ones for sft)
     num_tokens: float  # response tokens of the global batch (of positive sequences for sft)
     stats: Dict[str, float]
+    # Filled by the trainer when the step's loss is non-finite: the sequences (on any rank) that caused it.
+    nonfinite_sequences: List[str] = field(default_factory=list)
 
 
 def _dp_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
+
+
+def sequence_name(sample: Dict[str, Any]) -> str:
+    """How messages name one trajectory: its dataset index, group and rollout."""
+    return f"sequence {sample.get('index', '?')} (group {sample['group_id']}, rollout {sample['rollout_index']})"
 
 
 def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tensor, rewards: torch.Tensor,
@@ -113,7 +122,8 @@ def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tens
         rewards=rewards,
         # Full per-sequence response counts, before the CP split (DESIGN 4: never the per-rank counts).
         sequence_token_counts=batch["num_response_tokens"].to(torch.float32),
-        arrays={k: unpack(batch[k]) for k in ("ref_logp", "teacher_logp", "old_logp") if k in batch},
+        arrays={k: unpack(batch[k]) for k in PER_TOKEN_ARRAYS if k in batch},
+        names=[sequence_name(s) for s in samples],
         packed_seq={"cu_seqlens": batch["cu_seqlens_unpadded"], "cu_seqlens_padded": cu,
                     "max_seqlen": int(batch["max_seqlen"])},
         unpack_index=index,
@@ -158,7 +168,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
         # Full per-sequence response counts, before the CP split (DESIGN 4: never the per-rank counts).
         counts = batch["loss_mask"].sum(dim=-1)
         split = partial(split_for_context_parallel, cp_size=cp_size, cp_rank=cp_rank)
-        arrays = {k: split(batch[k]) for k in ("ref_logp", "teacher_logp", "old_logp") if k in batch}
+        arrays = {k: split(batch[k]) for k in PER_TOKEN_ARRAYS if k in batch}
         microbatches.append(
             Microbatch(
                 tokens=split(batch["tokens"]),
@@ -169,6 +179,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
                 rewards=rewards[rows],
                 sequence_token_counts=counts,
                 arrays=arrays,
+                names=[sequence_name(s) for s in samples[rows]],
             )
         )
 
@@ -209,16 +220,21 @@ def microbatch_loss(
     cfg: TrainConfig,
     step: StepBatch,
     loss_scale: float,
+    vocab_size: int,
 ):
-    """Loss of one microbatch from its (vocab-parallel) logits; returns ``(scaled loss, metric sums)``."""
+    """Loss of one microbatch from its (vocab-parallel) logits; returns ``(scaled loss, metric sums)``.
+
+    ``vocab_size`` is the real vocabulary: Megatron's padding columns are excluded from the softmax.
+    """
     loss_cfg = cfg.loss
     labels = mb.labels.to(logits.device)
     mask = mb.loss_mask.to(logits.device)
-    logp = vocab_parallel_logprobs(logits, labels, chunk_size=loss_cfg.logprob_chunk_size)
+    logp = vocab_parallel_logprobs(logits, labels, chunk_size=loss_cfg.logprob_chunk_size, vocab_size=vocab_size)
     if mb.unpack_index is not None:
         # Packed THD row [1, t] -> one row per sequence [B, n_max] (padding slots are masked by loss_mask).
         logp = logp[0][mb.unpack_index.to(logp.device)]
-    ref = mb.arrays.get("ref_logp") if loss_cfg.kl_coef > 0 and loss_cfg.kind != "opd" else None
+    use_reference = loss_cfg.kl_coef > 0 and loss_cfg.reference == "precomputed" and loss_cfg.kind != "opd"
+    ref = mb.arrays["ref_logp"] if use_reference else None
     old = None
     advantages = mb.advantages
     if loss_cfg.kind == "grpo":
@@ -265,11 +281,17 @@ def microbatch_loss(
                 neg.sum().double(),
             ]
         ).cpu()
-    return loss * loss_scale, {"sums": sums}
+        out: Dict[str, Any] = {"sums": sums}
+        if not torch.isfinite(sums[0]):  # name the culprits (rare path; the trainer reports them)
+            from megatron_offgrpo.training.guard import nonfinite_sequences
+
+            out["nonfinite"] = nonfinite_sequences(
+                mask, [logp, ref, old, mb.arrays.get("teacher_logp"), advantages], mb.names)
+    return loss * loss_scale, out
 
 
-def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float):
-    """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``."""
+def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, vocab_size: int):
+    """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``; ``vocab_size`` is the real one."""
 
     def forward_step(data_iterator: Iterator[Microbatch], model):
         mb = next(data_iterator)
@@ -287,7 +309,7 @@ def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float):
                                      cu_seqlens_kv_padded=cu_padded, max_seqlen_q=mb.packed_seq["max_seqlen"],
                                      max_seqlen_kv=mb.packed_seq["max_seqlen"])
             output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
-        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale)
+        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, vocab_size=vocab_size)
 
     return forward_step
 
