@@ -94,3 +94,43 @@ def test_shifted_index_pointer_is_refused_naming_the_index(dataset, tmp_path):
     out = _run(train_overrides(prefix, str(tmp_path), "shifted", train_steps=8))
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"{prefix}.idx" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_two_runs_cannot_write_one_checkpoint_dir(tmp_path):
+    """The lock rank 0 holds for a run's lifetime: a second holder is refused naming the first, and the lock dies
+    with its process (so a killed run never blocks its own resume)."""
+    from megatron_offgrpo.training.checkpointing import CheckpointDirInUseError, lock_checkpoint_dir
+
+    ckpt = str(tmp_path / "ckpt")
+    held = lock_checkpoint_dir(ckpt)
+    with pytest.raises(CheckpointDirInUseError, match=rf"{ckpt} is in use by host \S+ pid {os.getpid()}"):
+        lock_checkpoint_dir(ckpt)
+    held.close()
+    lock_checkpoint_dir(ckpt).close()
+    # A holder killed with SIGKILL releases it too.
+    code = f"from megatron_offgrpo.training.checkpointing import lock_checkpoint_dir as l; f = l({ckpt!r}); " \
+           "print('locked', flush=True); import time; time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(CheckpointDirInUseError, match=f"pid {proc.pid}"):
+        lock_checkpoint_dir(ckpt)
+    proc.kill()
+    proc.wait()
+    lock_checkpoint_dir(ckpt).close()
+
+
+def test_srun_tasks_become_ranks_of_one_world(monkeypatch):
+    """Under srun every task reads its rank from SLURM (a plain srun used to start N worlds of one)."""
+    from megatron_offgrpo.utils.distributed import distributed_env_from_launcher
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123457")
+    monkeypatch.setenv("MASTER_ADDR", "node-a")  # exported by the batch script: wins over scontrol
+    distributed_env_from_launcher()
+    env = os.environ
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("3", "4", "1", "node-a", str(20000 + 123457 % 20000))

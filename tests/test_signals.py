@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -73,8 +74,9 @@ def test_signal_saves_one_checkpoint_and_resumes_bit_identically(dataset, uninte
         os.killpg(proc.pid, signal.SIGTERM if how.endswith("SIGTERM") else signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)  # until every rank has closed the pipe, too
 
-    # No rank failed; torchrun itself reports the signal it got with a SignalException traceback of its own.
-    assert "BrokenPipeError" not in out and out.count("Traceback") == out.count("SignalException: Process"), out[-4000:]
+    # No rank failed (torchrun itself reports the signal it got, or its ranks' exit code 75 "resume me", as errors
+    # of its own).
+    assert "BrokenPipeError" not in out and "]: Traceback" not in out, out[-4000:]
     logged = read_jsonl(metrics)
     stopped_at = max(logged)
     assert 3 <= stopped_at < STEPS, stopped_at
@@ -82,7 +84,7 @@ def test_signal_saves_one_checkpoint_and_resumes_bit_identically(dataset, uninte
     expected = sorted({*periodic, f"iter_{stopped_at:07d}"})
     assert out.count("saved checkpoint") == len(expected), out[-4000:]  # the periodic ones, then one on the signal
     assert latest_name(ckpt_dir) == f"iter_{stopped_at:07d}"
-    assert sorted(os.listdir(ckpt_dir)) == [*expected, "latest"]  # each complete, no .tmp left over
+    assert sorted(n for n in os.listdir(ckpt_dir) if n != ".lock") == [*expected, "latest"]  # complete, no .tmp
     with open(os.path.join(ckpt_dir, f"iter_{stopped_at:07d}", "train_state.json")) as f:
         assert json.load(f)["step"] == stopped_at
     assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
@@ -94,3 +96,23 @@ def test_signal_saves_one_checkpoint_and_resumes_bit_identically(dataset, uninte
     assert sorted(logged) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert logged[s]["loss"] == uninterrupted[s], (s, logged[s]["loss"], uninterrupted[s])  # bit-identical
+
+
+def test_cli_says_resume_me_even_for_a_signal_during_start_up(dataset, tmp_path):
+    """A plain CLI run (one process, as srun starts each task): SIGUSR1 sent while Python is still importing torch
+    and Megatron is not fatal (the handler is installed first thing); the run trains one step, saves it, and exits
+    75 ("stopped, resume me"); the same command then resumes and exits 0 when done."""
+    from train_helpers import train_cli
+
+    tmp = str(tmp_path)
+    overrides = train_overrides(dataset, tmp, "cli", train_steps=3)
+    proc = train_cli(overrides)
+    time.sleep(1.0)  # inside the imports
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert latest_name(os.path.join(tmp, "cli", "ckpt")) == "iter_0000001", out[-3000:]
+    proc = train_cli(overrides)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "resumed from" in out, out[-3000:]
+    assert sorted(read_jsonl(os.path.join(tmp, "cli", "logs", "metrics.jsonl"))) == [1, 2, 3]

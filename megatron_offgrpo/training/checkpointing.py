@@ -34,7 +34,7 @@ from megatron_offgrpo.models.errors import (
     MissingCheckpointFileError,
 )
 
-__all__ = ["CheckpointMismatchError", "CheckpointFormatError", "read_train_state", "verify_resume_checkpoint",
+__all__ = ["CheckpointMismatchError", "CheckpointFormatError", "CheckpointDirInUseError", "lock_checkpoint_dir", "read_train_state", "verify_resume_checkpoint",
            "run_identity", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -67,6 +67,42 @@ def run_identity(cfg: TrainConfig) -> Dict[str, Any]:
         "data.group_size": d.group_size,
         "data.seed": d.seed,
     }
+
+
+class CheckpointDirInUseError(RuntimeError):
+    """Another live run writes into the same checkpoint directory."""
+
+
+def lock_checkpoint_dir(ckpt_dir: str):
+    """Hold ``ckpt_dir/.lock`` (an exclusive ``flock``) for the life of the returned file object (rank 0 only).
+
+    Two runs writing one checkpoint directory overwrite each other's ``latest``; the classic way to get there is a
+    plain ``srun python -m megatron_offgrpo.train`` where every task believed it was rank 0 of its own world.
+    The lock names the holder (host and pid) in the error. It is released when the process exits, even by
+    SIGKILL, so a killed run never blocks its resume.
+    """
+    import fcntl
+    import socket
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointDirInUseError(
+            f"{ckpt_dir} is in use by {holder}: two runs must not write one checkpoint directory (under srun, every "
+            "task must be one rank of the same world: launch with launch/slurm/train.sbatch); stop the other run "
+            "or set checkpoint.dir elsewhere"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _barrier() -> None:

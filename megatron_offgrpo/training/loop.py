@@ -114,20 +114,34 @@ def _check_teacher(cfg: TrainConfig, dataset) -> None:
         )
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run training as configured (call on every rank; sets up process groups itself)."""
+def train(cfg: TrainConfig, stop: Optional[StopFlag] = None) -> TrainResult:
+    """Run training as configured (call on every rank; sets up process groups itself).
+
+    ``stop`` is a :class:`StopFlag` the caller installed as early as it could (the CLI does so before its heavy
+    imports, so that a preemption signal during start-up is not fatal); by default one is installed here.
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_offgrpo.data import GroupBatchSampler, TrajectoryDataset
 
     started = job_start_time()
-    stop = StopFlag()
-    if cfg.checkpoint.save_on_signal:
+    if stop is None:
+        stop = StopFlag()
         stop.install()
-        if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun does not forward SIGUSR1: its death must stop us
-            exit_when_parent_dies()
+    if not cfg.checkpoint.save_on_signal:
+        stop.uninstall()
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun does not forward SIGUSR1: its death must stop us
+        exit_when_parent_dies()
     initialize_distributed(cfg)
     rank0 = dist.get_rank() == 0
+    run_lock, lock_error = None, None
+    if rank0 and cfg.checkpoint.dir:
+        try:
+            run_lock = checkpointing.lock_checkpoint_dir(cfg.checkpoint.dir)
+        except checkpointing.CheckpointDirInUseError as e:
+            lock_error = e
+    if _any_rank(lock_error is not None):  # every rank stops, not only rank 0
+        raise lock_error or checkpointing.CheckpointDirInUseError(f"{cfg.checkpoint.dir} is in use (see rank 0)")
     objs = build_training_objects(cfg)
     dp_rank, dp_size = data_parallel_coordinates()
     cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
@@ -228,6 +242,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             logger.info(f"stopping at step {step} ({stopped_by}); resume by re-running the same command")
             break
     curves = logger.close()
+    if run_lock is not None:
+        run_lock.close()
     return TrainResult(step, stopped_by, logger.history, last_ckpt, curves)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List
@@ -29,7 +28,9 @@ def initialize_distributed(cfg: TrainConfig) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_offgrpo.utils.cpu_backend import initialize_cpu_model_parallel
+    from megatron_offgrpo.utils.distributed import distributed_env_from_launcher
 
+    distributed_env_from_launcher()  # srun: one task per rank, its rank from SLURM_PROCID
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -180,22 +181,43 @@ def data_parallel_coordinates() -> tuple:
 
 
 def job_start_time() -> float:
-    """When the job started: SLURM's allocation start if known, else this process's start.
+    """When the job started, in unix seconds: the allocation's start under SLURM, else this process's start.
 
     The SLURM time limit counts from the allocation, not from after our (possibly long) setup; measuring from
-    the latter is a bug peer frameworks shipped (DESIGN 7).
+    the latter is a bug peer frameworks shipped (DESIGN 7). In order: ``OFFGRPO_JOB_START_TIME`` (exported by
+    ``launch/slurm/train.sbatch``), ``SLURM_JOB_START_TIME`` (SLURM >= 23.02), the ``StartTime`` of
+    ``scontrol show job $SLURM_JOB_ID`` (older SLURM), the process's creation time.
     """
-    slurm = os.environ.get("SLURM_JOB_START_TIME")
-    if slurm and slurm.isdigit():
-        return float(slurm)
+    for name in ("OFFGRPO_JOB_START_TIME", "SLURM_JOB_START_TIME"):
+        value = os.environ.get(name, "")
+        if value.replace(".", "", 1).isdigit():
+            return float(value)
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        start = _scontrol_start_time(job)
+        if start is not None:
+            return start
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _scontrol_start_time(job_id: str):
+    """``StartTime`` of a SLURM job (local time, as scontrol prints it) in unix seconds, or None."""
+    import subprocess
+    from datetime import datetime
+
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time()
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for field in out.split():
+        if field.startswith("StartTime="):
+            try:
+                return datetime.strptime(field.split("=", 1)[1], "%Y-%m-%dT%H:%M:%S").timestamp()
+            except ValueError:
+                return None
+    return None
 
 
 def model_parallel_sum(value: float) -> float:

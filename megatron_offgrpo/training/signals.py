@@ -43,6 +43,11 @@ class StopFlag:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
+    def uninstall(self) -> None:
+        """Back to the default actions (``checkpoint.save_on_signal: false``): a signal ends the process."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
         if self.signal is None:
             print(f"rank {os.environ.get('RANK', '0')}: received {signal.Signals(signum).name}; saving and "

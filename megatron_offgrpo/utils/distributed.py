@@ -39,6 +39,37 @@ def all_reduce_cpu(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
     return tensor
 
 
+def distributed_env_from_launcher() -> None:
+    """Fill in the ``env://`` variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM.
+
+    ``torchrun`` sets them; ``srun`` (one task per rank) does not, and without this every task would believe it is
+    rank 0 of a world of one and train its own copy into the same checkpoint directory. Values already set win
+    (an sbatch script may export MASTER_ADDR / MASTER_PORT itself). Outside SLURM (no ``SLURM_PROCID``), or in a
+    SLURM step of one task, nothing changes. MASTER_ADDR is the first host of the job's node list (``scontrol show
+    hostnames``); MASTER_PORT is derived from the job id, so every task of the job picks the same one.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise RuntimeError("SLURM_PROCID is set but no SLURM node list is: export MASTER_ADDR (the first host)")
+        import subprocess
+
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   check=True, timeout=60).stdout.split()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"cannot expand the SLURM node list {nodelist!r} with scontrol ({e}): export "
+                               "MASTER_ADDR (the first host of the job) before srun") from None
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def find_free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
