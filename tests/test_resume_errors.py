@@ -123,8 +123,9 @@ def test_srun_tasks_become_ranks_of_one_world(monkeypatch):
     """Under srun every task reads its rank from SLURM (a plain srun used to start N worlds of one)."""
     from megatron_offgrpo.utils.distributed import distributed_env_from_launcher
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    # A private copy of the environment: the function adds variables that must not leak into later tests.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
