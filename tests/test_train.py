@@ -259,3 +259,14 @@ def test_precomputed_reference_is_the_initial_policy(init_checkpoint, tmp_path):
     (res,) = run_on_ranks(_train_worker, 1, _overrides(prefix, str(tmp_path), "kl0", **{
         "model.load": init_checkpoint, "loss.kl_coef": 0.1}))
     assert 0 <= res["history"][0]["kl"] < 1e-9, res["history"][0]["kl"]
+
+
+def test_a_run_ended_by_its_epochs_saves_its_final_weights(contrast_dataset, tmp_path):
+    """data.num_epochs ends the run before train_steps: the last step is saved (16 groups / 4 per step = 4 steps)."""
+    tmp = str(tmp_path)
+    overrides = _overrides(contrast_dataset, tmp, "epochs", train_steps=100, **{
+        "data.num_epochs": 1, "data.groups_per_batch": 4, "data.group_size": 8, "data.seq_length": 32,
+        "loss.kl_coef": 0.0})
+    (res,) = run_on_ranks(_train_worker, 1, overrides)
+    assert [h["step"] for h in res["history"]] == [1, 2, 3, 4] and res["stopped_by"] == "completed"
+    assert _latest(os.path.join(tmp, "epochs", "ckpt")) == "iter_0000004"

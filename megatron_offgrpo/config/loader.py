@@ -296,6 +296,12 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
             )
         if par.ep > 1 and not arch.is_moe:
             problems.append(f"parallel.ep={par.ep} needs a MoE model; {arch.family} has no experts: set parallel.ep=1")
+        if par.ep > 1 and arch.is_moe and arch.num_experts % par.ep:
+            problems.append(f"parallel.ep={par.ep} must divide the {arch.num_experts} experts")
+        expert_grid = par.tp * par.pp * par.ep  # Megatron: expert TP (= tp) x EP x PP must tile the world
+        if par.ep > 1 and world_size is not None and expert_grid >= 1 and world_size % expert_grid:
+            problems.append(f"world size {world_size} is not divisible by tp*pp*ep = {expert_grid} (the expert "
+                            "layout); change parallel.ep or the number of ranks")
     if par.vpp is not None and par.pp == 1:
         problems.append("parallel.vpp needs parallel.pp > 1 (the interleaved schedule splits pipeline stages)")
 

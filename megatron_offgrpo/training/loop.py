@@ -186,6 +186,11 @@ def train(cfg: TrainConfig, stop: Optional[StopFlag] = None) -> TrainResult:
         batch_index = sampler.consumed_samples // sampler.global_batch_size
         if cfg.data.num_epochs is not None and batch_index >= sampler.batches_per_epoch * cfg.data.num_epochs:
             logger.info(f"data.num_epochs={cfg.data.num_epochs} exhausted after {step} steps")
+            if ck.dir and step > start_step and (last_ckpt is None or not last_ckpt.endswith(f"iter_{step:07d}")):
+                # The run's end: its final weights are saved, as at train_steps.
+                last_ckpt = checkpointing.save_checkpoint(
+                    ck.dir, step, objs.model, objs.optimizer, objs.scheduler, sampler.consumed_samples, cfg)
+                logger.info(f"saved checkpoint {last_ckpt}")
             break
         tic = time.perf_counter()
         samples = _load_samples(dataset, sampler.rank_batch(batch_index))
