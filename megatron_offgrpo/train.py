@@ -127,5 +127,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     return EXIT_DONE
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; a non-zero one first makes SIGTERM / SIGUSR1 ignored for the rest of the shutdown.
+
+    ``srun --kill-on-bad-exit`` SIGTERMs the other ranks as soon as one exits non-zero -- also with 75 ("resume
+    me"). A rank still printing its summary then died of it (Python restores the default actions while shutting
+    down) and the step's code became 143, which a batch script must not requeue. Ignored signals stay ignored.
+    """
+    if code != EXIT_DONE:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, stop: Optional[StopFlag] = None) -> TrainResult:
                 ck.dir, step, objs.model, objs.optimizer, objs.scheduler, sampler.consumed_samples, cfg
             )
             logger.info(f"saved checkpoint {last_ckpt}")
-        if interrupted:
+        if interrupted and step < cfg.train_steps:  # finishing wins: nothing is left to resume
             stopped_by = "signal" if _any_rank(stop.signal is not None) else "time_limit"
             logger.info(f"stopping at step {step} ({stopped_by}); resume by re-running the same command")
             break

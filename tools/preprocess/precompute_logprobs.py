@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", required=True, help="dataset prefix P (P.bin / P.idx / P.json)")
     parser.add_argument("--array", required=True, choices=["ref_logp", "teacher_logp", "old_logp"])
     parser.add_argument("--producer", required=True, help="name recorded in the manifest (model / checkpoint)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and flags in any order
 
     import torch.distributed as dist
 
