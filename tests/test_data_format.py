@@ -73,13 +73,18 @@ def test_megatron_reads_tokens_back_identically(tmp_path, vocab):
         ds[len(ds)]
 
 
-def test_add_per_token_array_and_producer(tmp_path):
-    prefix = str(tmp_path / "ds")
+def _write_without_arrays(prefix):
+    """The test groups written with no per-token array (the arrays are attached afterwards)."""
     groups = _groups()
     for _, seqs in groups:
         for s in seqs:
             s.per_token = {}
     _write(prefix, groups, arrays=())
+    return prefix
+
+
+def test_add_per_token_array_and_producer(tmp_path):
+    prefix = _write_without_arrays(str(tmp_path / "ds"))
     ds = TrajectoryDataset(prefix)
     assert ds.per_token_array_names == []
     teacher = [np.full(n, -0.5, np.float32) for n in ds.sequence_lengths]
@@ -144,12 +149,7 @@ def test_writer_refuses_non_finite_per_token_values(tmp_path, bad):
 
 
 def test_add_per_token_array_refuses_non_finite_values(tmp_path):
-    prefix = str(tmp_path / "ds")
-    groups = _groups()
-    for _, seqs in groups:
-        for s in seqs:
-            s.per_token = {}
-    _write(prefix, groups, arrays=())
+    prefix = _write_without_arrays(str(tmp_path / "ds"))
     ds = TrajectoryDataset(prefix)
     teacher = [np.full(n, -0.5, np.float32) for n in ds.sequence_lengths]
     teacher[9][2] = np.nan
