@@ -28,9 +28,9 @@ import pyarrow.parquet as pq  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from megatron_offgrpo.data.build import BuildConfig, build_dataset  # noqa: E402
-from megatron_offgrpo.data.synthetic import generate_rows, write_jsonl  # noqa: E402
-from megatron_offgrpo.data.tiny_tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
+from megatron_offgrpo.preprocess.build import BuildConfig, build_dataset  # noqa: E402
+from megatron_offgrpo.preprocess.synthetic import generate_rows, write_jsonl  # noqa: E402
+from megatron_offgrpo.preprocess.tiny_tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
 
 
 def bench_build(inp: str, out_dir: str, workers: int) -> tuple:

@@ -18,19 +18,17 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from test_data_format import _groups, _write
 
 from megatron_offgrpo.data import (
-    BuildConfig,
     CommitInProgressError,
     DatasetFormatError,
-    InputError,
     TrajectoryDataset,
     TrajectoryDatasetWriter,
     add_per_token_array,
-    build_dataset,
     recover_commit,
     verify_dataset,
 )
+from megatron_offgrpo.preprocess import BuildConfig, InputError, build_dataset
 from megatron_offgrpo.data.atomic import TEST_KILL_ENV
-from megatron_offgrpo.data.tiny_tokenizer import TINY_TOKENIZER_DIR
+from megatron_offgrpo.preprocess.tiny_tokenizer import TINY_TOKENIZER_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "examples", "data", "ot3_sample.jsonl")

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from megatron_offgrpo.data import InputError, read_groups
-from megatron_offgrpo.data.readers import problem_id_for
+from megatron_offgrpo.preprocess import InputError, read_groups
+from megatron_offgrpo.preprocess.readers import problem_id_for
 
 
 def _ot3(problem, response, domain="math", **extra):

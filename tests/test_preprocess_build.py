@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_offgrpo.data import (
-    BuildConfig,
-    InputError,
-    TrajectoryDataset,
-    build_dataset,
-    select_groups,
-    verify_dataset,
-)
-from megatron_offgrpo.data.synthetic import generate_rows, student_pass_rates
-from megatron_offgrpo.data.tiny_tokenizer import TINY_TOKENIZER_DIR, build_tiny_tokenizer, load_tiny_tokenizer
+from megatron_offgrpo.data import TrajectoryDataset, verify_dataset
+from megatron_offgrpo.preprocess import BuildConfig, InputError, build_dataset, select_groups
+from megatron_offgrpo.preprocess.synthetic import generate_rows, student_pass_rates
+from megatron_offgrpo.preprocess.tiny_tokenizer import TINY_TOKENIZER_DIR, build_tiny_tokenizer, load_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "examples", "data", "ot3_sample.jsonl")
@@ -121,7 +115,7 @@ def test_nothing_silently_dropped(cli_build):
     # every math row is one trajectory: written + rejected-with-its-group + rejected-alone = all
     per_group_k = {}
     with open(SAMPLE) as f:
-        from megatron_offgrpo.data.readers import problem_id_for
+        from megatron_offgrpo.preprocess.readers import problem_id_for
         for line in f:
             row = json.loads(line)
             if row["domain"] == "math":

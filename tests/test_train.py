@@ -231,7 +231,7 @@ def test_short_training_raises_positive_and_not_negative_trajectories(contrast_d
 
 
 def _score_worker(rank, world, overrides, prefix):
-    from megatron_offgrpo.training.scoring import score_dataset
+    from megatron_offgrpo.inference.scoring import score_dataset
 
     return score_dataset(load_config(TINY_YAML, overrides), prefix)
 

@@ -17,7 +17,7 @@ TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")  # every run here, i
 
 def build_sample(prefix: str) -> str:
     """The shipped OT3 sample, built with the real pipeline at ``prefix``."""
-    from megatron_offgrpo.data import BuildConfig, build_dataset
+    from megatron_offgrpo.preprocess import BuildConfig, build_dataset
 
     build_dataset(BuildConfig([SAMPLE], TOKENIZER, prefix, max_seq_len=384, domain="math", progress=False))
     return prefix

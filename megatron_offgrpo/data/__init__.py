@@ -1,5 +1,6 @@
-"""Trajectory-group data: input readers, difficulty-aware selection, the DESIGN 5 writer/reader, group sampler,
-pad/pack collate, and the in-repo tiny tokenizer and synthetic sample.
+"""The trajectory-group dataset as training reads it: the on-disk format (docs/design.md, "Data format"), its
+writer and reader, verification, the group sampler and pad/pack collate. The offline pipeline that produces it
+(read, label, select, tokenize, build) is :mod:`megatron_offgrpo.preprocess`.
 
 Attributes are imported lazily (PEP 562) so that worker processes that only need a reader or the tokenizer do
 not pay for importing Megatron-Core.
@@ -23,17 +24,6 @@ _EXPORTS = {
     "GroupBatchSampler": "sampler",
     "collate_pad": "collate",
     "collate_pack": "collate",
-    "read_groups": "readers",
-    "RawGroup": "records",
-    "Reject": "records",
-    "InputError": "records",
-    "select_groups": "selection",
-    "load_student_pass_rates": "selection",
-    "build_tiny_tokenizer": "tiny_tokenizer",
-    "load_tiny_tokenizer": "tiny_tokenizer",
-    "ChatTokenizer": "tokenize",
-    "BuildConfig": "build",
-    "build_dataset": "build",
 }
 
 __all__ = sorted(_EXPORTS)

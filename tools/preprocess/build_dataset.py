@@ -23,9 +23,9 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from megatron_offgrpo.data.build import BuildConfig, build_dataset
+from megatron_offgrpo.preprocess.build import BuildConfig, build_dataset
 from megatron_offgrpo.data.format import DatasetFormatError
-from megatron_offgrpo.data.records import InputError
+from megatron_offgrpo.preprocess.records import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         # line, no traceback.
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
-    from megatron_offgrpo.data.report import draw_stats_plot, print_summary
+    from megatron_offgrpo.preprocess.report import draw_stats_plot, print_summary
 
     res.manifest["prefix"] = a.output_prefix
     print_summary(res)

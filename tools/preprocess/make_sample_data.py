@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from megatron_offgrpo.data.synthetic import generate_rows, student_pass_rates, write_jsonl
-from megatron_offgrpo.data.tiny_tokenizer import TINY_TOKENIZER_DIR, save_tiny_tokenizer
+from megatron_offgrpo.preprocess.synthetic import generate_rows, student_pass_rates, write_jsonl
+from megatron_offgrpo.preprocess.tiny_tokenizer import TINY_TOKENIZER_DIR, save_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

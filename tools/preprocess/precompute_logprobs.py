@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from megatron_offgrpo.config import ConfigError, load_config
     from megatron_offgrpo.data import TrajectoryDataset, add_per_token_array
-    from megatron_offgrpo.training.scoring import score_dataset
+    from megatron_offgrpo.inference.scoring import score_dataset
 
     try:
         cfg = load_config(args.config, [*args.overrides, f"data.train_prefix={args.prefix}"])

@@ -28,10 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_offgrpo.data.atomic import kill_point, remove_stale_temps
-from megatron_offgrpo.data.readers import read_groups
-from megatron_offgrpo.data.records import InputError, RawGroup, Reject
-from megatron_offgrpo.data.selection import SelectionReport, load_student_pass_rates, select_groups
-from megatron_offgrpo.data.tokenize import ChatTokenizer, TokenizedTrajectory, load_tokenizer, tokenizer_fingerprint
+from megatron_offgrpo.preprocess.readers import read_groups
+from megatron_offgrpo.preprocess.records import InputError, RawGroup, Reject
+from megatron_offgrpo.preprocess.selection import SelectionReport, load_student_pass_rates, select_groups
+from megatron_offgrpo.preprocess.tokenize import ChatTokenizer, TokenizedTrajectory, load_tokenizer, tokenizer_fingerprint
 from megatron_offgrpo.rewards.equivalence import VerifierCounters
 from megatron_offgrpo.rewards.labeling import GroupLabel, LabelConfig, label_group
 from megatron_offgrpo.rewards.stats import GROUP_TYPES, group_type

@@ -8,8 +8,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from megatron_offgrpo.data.build import BuildResult
-from megatron_offgrpo.data.selection import SelectionReport
+from megatron_offgrpo.preprocess.build import BuildResult
+from megatron_offgrpo.preprocess.selection import SelectionReport
 
 
 def _hist_table(title: str, before: Dict[str, int], after: Dict[str, int]) -> Table:

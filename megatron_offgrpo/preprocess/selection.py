@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_offgrpo.data.readers import problem_id_for
-from megatron_offgrpo.data.records import InputError
+from megatron_offgrpo.preprocess.readers import problem_id_for
+from megatron_offgrpo.preprocess.records import InputError
 
 STRATEGIES = ("uniform", "difficulty")
 AGREEMENT_EDGES = (0.0, 0.5, 0.625, 0.75, 0.875, 1.0)

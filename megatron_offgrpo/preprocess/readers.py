@@ -24,7 +24,7 @@ import json
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from megatron_offgrpo.data.records import InputError, RawGroup, Reject
+from megatron_offgrpo.preprocess.records import InputError, RawGroup, Reject
 
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
