@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         CheckpointMismatchError,
     )
     from megatron_offgrpo.training.guard import NonFiniteError
-    from megatron_offgrpo.training.loop import train
+    from megatron_offgrpo.training.trainer import train
 
     try:
         result = train(cfg, stop=stop)

@@ -36,3 +36,4 @@ assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__versi
 assert not torch.version.cuda, f"a CUDA build of torch was installed ({torch.version.cuda}) on a CPU machine"
 print(f"environment ready: torch {torch.__version__} | megatron-core {megatron.core.__version__}")
 PY
+[ "${OFFGRPO_SKIP_VLLM:-0}" = 1 ] || bash scripts/setup_vllm.sh  # vLLM in its own venv (.venv-vllm) for the generation engine; OFFGRPO_SKIP_VLLM=1 skips it (the tiny demo model runs on HF)

@@ -1,7 +1,7 @@
 """Float64 dense reference for the loss core, written independently of ``megatron_offgrpo.losses``.
 
 Deliberately naive: full-vocabulary ``log_softmax`` in float64, explicit Python loops over sequences and tokens,
-Python ``min``/``max`` for the clips, and the aggregation formulas spelled out from DESIGN.md section 3. Slow,
+Python ``min``/``max`` for the clips, and the aggregation formulas spelled out from docs/design.md §3. Slow,
 but obviously right; the tests keep shapes tiny.
 """
 
@@ -22,7 +22,7 @@ def ref_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def ref_group_advantages(rewards: List[float], group_ids: List[int], bias: float, std: str, eps: float = 1e-6):
-    """Advantages from DESIGN 2 with plain Python floats."""
+    """Advantages from docs/design.md §2 with plain Python floats."""
     out = []
     for i, g in enumerate(group_ids):
         members = [rewards[j] for j, h in enumerate(group_ids) if h == g]

@@ -1,5 +1,6 @@
-"""Dataset format (DESIGN 5): Megatron-Core's own IndexedDataset is the oracle for the token files; per-token arrays
-are finite when written and when read. (Killed writers: test_data_atomic.py; damaged files: test_data_verify.py.)"""
+"""Dataset format (docs/design.md §5): Megatron-Core's own IndexedDataset is the oracle for the token files;
+per-token arrays are finite when written and when read. (Killed writers: test_data_atomic.py; damaged files:
+test_data_verify.py.)"""
 
 import json
 import os

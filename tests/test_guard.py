@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from megatron_offgrpo.utils.distributed import run_on_ranks
-from train_helpers import TINY_YAML, add_synthetic_reference, build_sample, latest_name, train_cli, train_overrides
+from train_helpers import TINY_YAML, latest_name, sample_with_reference, train_cli, train_overrides
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return add_synthetic_reference(build_sample(str(tmp_path_factory.mktemp("data") / "sample")))
+    return sample_with_reference(str(tmp_path_factory.mktemp("data") / "sample"))
 
 
 def _tensors(ckpt_path, tmp_path):
@@ -70,7 +70,7 @@ def _nan_in_one_sequence_worker(rank, world, overrides, poisoned):
     """Train with one sequence's reference log-probs turned NaN on the fly (as from an older, unverified dataset)."""
     from megatron_offgrpo.config import load_config
     from megatron_offgrpo.data import TrajectoryDataset
-    from megatron_offgrpo.training.loop import train
+    from megatron_offgrpo.training.trainer import train
 
     original = TrajectoryDataset.__getitem__
 
@@ -82,8 +82,11 @@ def _nan_in_one_sequence_worker(rank, world, overrides, poisoned):
 
     TrajectoryDataset.__getitem__ = getitem
     text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        result = train(load_config(TINY_YAML, overrides))
+    try:
+        with contextlib.redirect_stdout(text):
+            result = train(load_config(TINY_YAML, overrides))
+    finally:  # this rank process runs other tests after this one
+        TrajectoryDataset.__getitem__ = original
     return {"history": result.history, "stopped_by": result.stopped_by, "out": text.getvalue()}
 
 

@@ -218,6 +218,11 @@ def _loss_inputs(kind, B=5, T=7, V=13, seed=0, scale=3.0):
     return logits, targets, mask, adv, ref, old
 
 
+def _adv_args(kind, adv):
+    """policy_loss's advantage arguments: SFT takes the rewards as ``rewards=`` (no advantages)."""
+    return (None, {"rewards": adv}) if kind == "sft" else (adv, {})
+
+
 def _run_both(kind, agg, clip_eps=0.2, kl_coef=0.1, use_ref=True, shaping_gamma=None, logits_scale=1.0):
     logits, targets, mask, adv, ref, old = _loss_inputs(kind, scale=3.0 * logits_scale)
     if kind == "opd":
@@ -226,7 +231,9 @@ def _run_both(kind, agg, clip_eps=0.2, kl_coef=0.1, use_ref=True, shaping_gamma=
                   shaping_gamma=shaping_gamma)
     x = logits.clone().requires_grad_(True)
     lp = vocab_parallel_logprobs(x, targets, chunk_size=4)
-    loss, metrics = policy_loss(lp, mask, adv, ref_logprobs=ref if use_ref else None, old_logprobs=old, **kwargs)
+    adv_arg, extra = _adv_args(kind, adv)
+    loss, metrics = policy_loss(lp, mask, adv_arg, ref_logprobs=ref if use_ref else None, old_logprobs=old, **kwargs,
+                                **extra)
     loss.backward()
     x64 = logits.double().requires_grad_(True)
     lp64 = ref_logprobs(x64, targets)
@@ -282,8 +289,9 @@ def test_microbatches_with_global_denominators_sum_to_full_batch():
         logits, targets, mask, adv, ref, old = _loss_inputs(kind)
         ref_arg = None if kind == "opd" else ref
         x = logits.clone().requires_grad_(True)
-        full, _ = policy_loss(vocab_parallel_logprobs(x, targets), mask, adv, kind=kind, ref_logprobs=ref_arg,
-                              old_logprobs=old, agg=agg)
+        adv_arg, extra = _adv_args(kind, adv)
+        full, _ = policy_loss(vocab_parallel_logprobs(x, targets), mask, adv_arg, kind=kind, ref_logprobs=ref_arg,
+                              old_logprobs=old, agg=agg, **extra)
         full.backward()
         full_grad = x.grad.clone()
         x.grad = None
@@ -292,8 +300,10 @@ def test_microbatches_with_global_denominators_sum_to_full_batch():
         total = 0.0
         for rows in ([0, 1], [2], [3, 4]):
             lp = vocab_parallel_logprobs(x[rows], targets[rows])
-            part, _ = policy_loss(lp, mask[rows], adv[rows], kind=kind, ref_logprobs=None if ref_arg is None else
-                                  ref[rows], old_logprobs=old[rows], agg=agg, num_sequences=n_seq, num_tokens=n_tok)
+            part_adv, part_extra = _adv_args(kind, adv[rows])
+            part, _ = policy_loss(lp, mask[rows], part_adv, kind=kind, ref_logprobs=None if ref_arg is None else
+                                  ref[rows], old_logprobs=old[rows], agg=agg, num_sequences=n_seq, num_tokens=n_tok,
+                                  **part_extra)
             part.backward()
             total += part.item()
         assert abs(total - full.item()) <= 1e-6 * max(1.0, abs(full.item())), (kind, agg)
@@ -322,7 +332,8 @@ def test_empty_response_and_garbage_in_padding_are_harmless():
 def test_all_masked_batch_gives_zero_loss_and_zero_grad():
     lp = torch.randn(3, 4).requires_grad_(True)
     for kind, adv in [("offline_grpo", torch.ones(3)), ("sft", torch.zeros(3)), ("opd", torch.ones(3, 4))]:
-        loss, metrics = policy_loss(lp, torch.zeros(3, 4), adv, kind=kind, old_logprobs=torch.zeros(3, 4))
+        adv_arg, extra = _adv_args(kind, adv)
+        loss, metrics = policy_loss(lp, torch.zeros(3, 4), adv_arg, kind=kind, old_logprobs=torch.zeros(3, 4), **extra)
         loss.backward()
         assert loss.item() == 0.0 and torch.all(lp.grad == 0)
         assert metrics["num_tokens"].item() == 0
@@ -333,7 +344,7 @@ def test_sft_trains_on_positive_trajectories_only():
     logits, targets, mask, _, _, _ = _loss_inputs("sft")
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
     x = logits.clone().requires_grad_(True)
-    loss, metrics = policy_loss(vocab_parallel_logprobs(x, targets), mask, rewards, kind="sft")
+    loss, metrics = policy_loss(vocab_parallel_logprobs(x, targets), mask, rewards=rewards, kind="sft")
     loss.backward()
     assert torch.all(x.grad[[1, 3, 4]] == 0) and x.grad[[0, 2]].abs().sum() > 0
     assert metrics["num_sequences"].item() == 2

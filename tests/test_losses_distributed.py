@@ -52,7 +52,9 @@ def _inputs(kind):
 
 
 def _loss_on(lp, mask, adv, ref, old, kind, agg, **kw):
-    loss, _ = policy_loss(lp, mask, adv, kind=kind, ref_logprobs=ref, old_logprobs=old, agg=agg, **kw)
+    # SFT takes the rewards as rewards= (no advantages).
+    adv_arg, extra = (None, {"rewards": adv}) if kind == "sft" else (adv, {})
+    loss, _ = policy_loss(lp, mask, adv_arg, kind=kind, ref_logprobs=ref, old_logprobs=old, agg=agg, **kw, **extra)
     return loss
 
 
@@ -63,7 +65,7 @@ def _worker(rank, world):
     out = {}
     for kind, agg in CASES:
         logits, targets, mask, adv, ref, old = _inputs(kind)
-        # Global denominators are known from the batch metadata (DESIGN 4), not from any one shard.
+        # Global denominators are known from the batch metadata (docs/design.md §4), not from any one shard.
         n_seq = float((adv > 0).sum()) if kind == "sft" else float(B)
         n_tok = float((mask * (adv > 0)[:, None]).sum()) if kind == "sft" else float(mask.sum())
         for name, tp, group, tp_rank in [("tp4", 4, dist.group.WORLD, rank), ("tp2", 2, pair, pair_rank)]:
@@ -120,7 +122,7 @@ def test_tp_and_cp_layouts_equal_the_float64_single_rank_loss():
                 grad[:, cp_chunk_indices(T, 2, c)] = parts[c][1]
             assert torch.allclose(grad.double(), x64.grad, rtol=1e-5, atol=1e-7), (kind, agg)
             if agg == "seq-mean-token-mean":
-                # Normalizing by the local token counts (the CP bug of DESIGN 7) gives a different loss.
+                # Normalizing by the local token counts (the CP bug of docs/design.md §7) gives a different loss.
                 assert abs(parts[0][2] + parts[1][2] - expected.item()) > 1e-3, (kind, agg)
 
 

@@ -245,3 +245,33 @@ def test_cli_every_row_rejected(tmp_path):
                                 tmp_path / "o", "--domain", "chemistry"))
     assert line.startswith(f"error: {SAMPLE}: no usable records: all 768 rows were rejected (read:domain_filtered 768)")
     assert "--strict" in line and os.listdir(tmp_path) == []
+
+
+def test_cli_flags_are_the_build_config_fields():
+    """Every flag of build_dataset.py (the names scripts use) maps onto its BuildConfig field; defaults and choices
+    come from the dataclass alone."""
+    import argparse
+    from dataclasses import fields
+
+    from megatron_offgrpo.preprocess.build import add_build_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    required = ["--input", "a.jsonl", "b.parquet", "--tokenizer", "tok", "--output-prefix", "out/p"]
+    argv = required + ["--max-seq-len", "123", "--overlong", "truncate", "--domain", "math", "--min-agreement",
+                       "0.75", "--label-source", "reference", "--verify-timeout", "2.5", "--num-groups", "7",
+                       "--strategy", "difficulty", "--student-pass-rates", "r.jsonl", "--seed", "3", "--min-rollouts",
+                       "4", "--workers", "2", "--strict", "--rejects", "rej.jsonl", "--teacher", "t", "--spill-dir",
+                       "/scratch", "--no-progress"]
+    assert config_from_args(parser.parse_args(argv)) == BuildConfig(
+        inputs=["a.jsonl", "b.parquet"], tokenizer="tok", output_prefix="out/p", max_seq_len=123, overlong="truncate",
+        domain="math", min_agreement=0.75, label_source="reference", verify_timeout_s=2.5, num_groups=7,
+        strategy="difficulty", student_pass_rates="r.jsonl", seed=3, min_rollouts=4, workers=2, strict=True,
+        rejects_path="rej.jsonl", teacher="t", spill_dir="/scratch", progress=False)
+    assert config_from_args(parser.parse_args(required)) == BuildConfig(["a.jsonl", "b.parquet"], "tok", "out/p")
+    assert {a.dest for a in parser._actions} >= {f.name for f in fields(BuildConfig)}
+    for bad in (["--overlong", "drop"], ["--strategy", "hardest"], ["--max-seq-len", "many"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(required + bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(required[3:])  # --input is required

@@ -68,7 +68,7 @@ def _convert_worker(rank, world, hf_dir, out_dir, tp):
 
 def _train_worker(rank, world, overrides):
     from megatron_offgrpo.config import load_config
-    from megatron_offgrpo.training.loop import train
+    from megatron_offgrpo.training.trainer import train
 
     result = train(load_config(TINY_YAML, overrides))
     return {"loss": result.history[0]["loss"], "checkpoint": result.checkpoint}

@@ -16,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 
-from train_helpers import TINY_YAML, add_synthetic_reference, build_sample, train_overrides
+from train_helpers import TINY_YAML, sample_with_reference, train_overrides
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return add_synthetic_reference(build_sample(str(tmp_path_factory.mktemp("data") / "sample")))
+    return sample_with_reference(str(tmp_path_factory.mktemp("data") / "sample"))
 
 
 @pytest.fixture(scope="module")

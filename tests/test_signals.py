@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from train_helpers import TINY_YAML, add_synthetic_reference, build_sample, latest_name, read_jsonl, train_overrides
+from train_helpers import TINY_YAML, latest_name, read_jsonl, sample_with_reference, train_overrides
 from train_helpers import wait_for
 
 STEPS = 12
@@ -31,7 +31,7 @@ COMMON = {"parallel.tp": 2, "checkpoint.save_interval": 2, "checkpoint.keep_last
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return add_synthetic_reference(build_sample(str(tmp_path_factory.mktemp("data") / "sample")))
+    return sample_with_reference(str(tmp_path_factory.mktemp("data") / "sample"))
 
 
 def _torchrun(overrides):

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
-from train_helpers import REPO, TINY_YAML, add_synthetic_reference, build_sample, latest_name, read_jsonl
+from train_helpers import REPO, TINY_YAML, build_sample, latest_name, read_jsonl, sample_with_reference
 from train_helpers import train_overrides
 
 STEPS = 40  # long enough that a SIGUSR1 sent after the step-4 checkpoint lands well before the end
@@ -99,7 +99,7 @@ def _unix(slurm_time: str) -> float:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return add_synthetic_reference(build_sample(str(tmp_path_factory.mktemp("data") / "sample")))
+    return sample_with_reference(str(tmp_path_factory.mktemp("data") / "sample"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import torch
 from megatron_offgrpo.config import load_config
 from megatron_offgrpo.utils.distributed import run_on_ranks
 
-from train_helpers import TINY_YAML, add_synthetic_reference
+from train_helpers import TINY_YAML
+from train_helpers import sample_with_reference
 from train_helpers import build_sample as _build_sample
 from train_helpers import latest_name as _latest
 from train_helpers import read_jsonl as _read_jsonl
@@ -31,7 +32,7 @@ from train_helpers import wait_for as _wait_for
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """The shipped sample, built with the real pipeline, plus a synthetic precomputed ref_logp array."""
-    return add_synthetic_reference(_build_sample(str(tmp_path_factory.mktemp("data") / "sample")))
+    return sample_with_reference(str(tmp_path_factory.mktemp("data") / "sample"))
 
 
 def _init_checkpoint_worker(rank, world, path):

@@ -15,12 +15,49 @@ TOKENIZER = os.path.join(REPO, "examples", "tiny_tokenizer")
 TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")  # every run here, in-process or CLI, starts from it
 
 
-def build_sample(prefix: str) -> str:
-    """The shipped OT3 sample, built with the real pipeline at ``prefix``."""
+_BUILT: Dict[str, str] = {}  # what -> prefix of the one copy built in this test session
+
+
+def _copy_dataset(src: str, dst: str) -> str:
+    """Copy every file of the dataset at prefix ``src`` (``src.*``) to prefix ``dst``."""
+    import glob
+    import shutil
+
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    for path in glob.glob(glob.escape(src) + ".*"):
+        shutil.copyfile(path, dst + path[len(src):])
+    return dst
+
+
+def _built_once(what: str, make: Callable[[str], str]) -> str:
+    """The prefix of a dataset built once per test session (in a temporary directory removed at exit)."""
+    if what not in _BUILT:
+        import atexit
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix=f"offgrpo-{what}-")
+        atexit.register(shutil.rmtree, tmp, True)
+        _BUILT[what] = make(os.path.join(tmp, "sample"))
+    return _BUILT[what]
+
+
+def _build(prefix: str) -> str:
     from megatron_offgrpo.preprocess import BuildConfig, build_dataset
 
     build_dataset(BuildConfig([SAMPLE], TOKENIZER, prefix, max_seq_len=384, domain="math", progress=False))
     return prefix
+
+
+def build_sample(prefix: str) -> str:
+    """The shipped OT3 sample, built with the real pipeline, at ``prefix`` (built once per session, then copied:
+    the copy is byte-identical, and each test owns its files)."""
+    return _copy_dataset(_built_once("sample", _build), prefix)
+
+
+def sample_with_reference(prefix: str) -> str:
+    """:func:`build_sample` plus :func:`add_synthetic_reference`, at ``prefix`` (built once per session)."""
+    return _copy_dataset(_built_once("sample_ref", lambda p: add_synthetic_reference(_build(p))), prefix)
 
 
 def add_synthetic_reference(prefix: str) -> str:
@@ -63,7 +100,7 @@ def train_overrides(dataset: str, tmp: str, name: str, **extra) -> List[str]:
 def train_worker(rank: int, world: int, overrides: List[str]) -> Dict:
     """One training run on this rank (for ``run_on_ranks``)."""
     from megatron_offgrpo.config import load_config
-    from megatron_offgrpo.training.loop import train
+    from megatron_offgrpo.training.trainer import train
 
     result = train(load_config(TINY_YAML, overrides))
     return {"history": result.history, "checkpoint": result.checkpoint, "stopped_by": result.stopped_by}

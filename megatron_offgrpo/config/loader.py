@@ -20,18 +20,13 @@ from megatron_offgrpo.config.schema import TrainConfig
 
 __all__ = ["ConfigError", "required_arrays", "load_config", "load_and_validate_config", "validate_config", "config_to_yaml"]
 
-LOSS_KINDS = ("offline_grpo", "grpo", "sft", "opd")
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# Per-token arrays (DESIGN 5) each loss kind reads from the dataset.
-REQUIRED_ARRAYS = {"grpo": ["old_logp"], "opd": ["teacher_logp"]}
 
 
 def required_arrays(loss) -> List[str]:
-    """The per-token arrays a run with this ``LossConfig`` reads from its dataset (DESIGN 5)."""
-    needed = list(REQUIRED_ARRAYS.get(loss.kind, []))
-    if loss.kl_coef > 0 and loss.reference == "precomputed" and loss.kind != "opd":
-        needed.append("ref_logp")
-    return needed
+    """The per-token arrays a run with this ``LossConfig`` reads from its dataset (from the loss registry)."""
+    from megatron_offgrpo.losses.registry import required_arrays as from_registry
+
+    return from_registry(loss)
 
 
 class ConfigError(ValueError):
@@ -156,6 +151,7 @@ _RANGES = [
     ("model.tiny_num_layers", 1, True, None, False, ""),
     ("model.tiny_hidden_size", 1, True, None, False, ""),
     ("model.make_vocab_size_divisible_by", 1, True, None, False, "Megatron's default is 128"),
+    ("model.moe_aux_loss_coeff", 0, True, None, False, "0 disables the load-balancing loss"),
     ("parallel.tp", 1, True, None, False, ""),
     ("parallel.pp", 1, True, None, False, ""),
     ("parallel.cp", 1, True, None, False, ""),
@@ -168,6 +164,8 @@ _RANGES = [
     ("data.pad_token_id", 0, True, None, False, "a token id of the vocabulary"),
     ("data.num_epochs", 1, True, None, False, "null = as many as train_steps needs"),
     ("data.seed", 0, True, None, False, ""),
+    ("data.num_workers", 0, True, None, False, "0 = read and collate on the training thread"),
+    ("data.prefetch_factor", 1, True, None, False, "batches each worker prepares ahead"),
     ("loss.clip_eps", 0, False, 1, False, "the clip keeps max(p, 1 - eps); null disables it"),
     ("loss.kl_coef", 0, True, None, False, "0 disables the KL term"),
     ("loss.all_positive_bias", None, False, None, False, ""),
@@ -243,10 +241,15 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
 
     problems: List[str] = []
     m, par, d, loss, opt, ck = cfg.model, cfg.parallel, cfg.data, cfg.loss, cfg.optimizer, cfg.checkpoint
-    _check_choice(problems, "loss.kind", loss.kind, LOSS_KINDS)
-    _check_choice(problems, "loss.agg", loss.agg, LOSS_AGGS)
+    from megatron_offgrpo.losses.policy import LOSS_AGGREGATIONS
+    from megatron_offgrpo.losses.registry import get_loss, loss_names
+
+    _check_choice(problems, "loss.kind", loss.kind, loss_names())
+    _check_choice(problems, "loss.agg", loss.agg, LOSS_AGGREGATIONS)
     _check_choice(problems, "loss.std", loss.std, ("sample", "population", "none"))
     _check_choice(problems, "loss.reference", loss.reference, ("precomputed", "none"))
+    # A YAML / command-line true or false arrives as "True" / "False" in this string field: any case is fine.
+    _check_choice(problems, "loss.fused_output_layer", str(loss.fused_output_layer).lower(), ("auto", "true", "false"))
     _check_choice(problems, "optimizer.lr_schedule", opt.lr_schedule, ("constant", "cosine", "linear"))
     _check_choice(problems, "model.params_dtype", m.params_dtype, ("fp32", "bf16", "fp16"))
     _check_choice(problems, "model.transformer_impl", m.transformer_impl, ("auto", "local", "te"))
@@ -256,7 +259,8 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
     _check_ranges(cfg, problems)
     if _number(opt.min_lr) and _number(opt.lr) and opt.min_lr > opt.lr > 0:
         problems.append(f"optimizer.min_lr={opt.min_lr} must be <= optimizer.lr={opt.lr}")
-    if loss.reference == "none" and loss.kl_coef > 0 and loss.kind != "opd":
+    has_kl = loss.kind in loss_names() and get_loss(loss.kind).kl
+    if loss.reference == "none" and loss.kl_coef > 0 and has_kl:
         problems.append(f"loss.reference=none but loss.kl_coef={loss.kl_coef}: the KL term needs a reference; set "
                         "loss.kl_coef=0, or loss.reference=precomputed (the dataset's ref_logp array)")
     model_parallel = par.tp * par.pp * par.cp
@@ -298,6 +302,12 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
             problems.append(f"parallel.ep={par.ep} needs a MoE model; {arch.family} has no experts: set parallel.ep=1")
         if par.ep > 1 and arch.is_moe and arch.num_experts % par.ep:
             problems.append(f"parallel.ep={par.ep} must divide the {arch.num_experts} experts")
+        if arch.is_moe and par.tp > 1 and not par.sequence_parallel:
+            problems.append(f"parallel.tp={par.tp} with a MoE model needs parallel.sequence_parallel=true (Megatron's "
+                            "MoE layer refuses tensor parallelism without it in training); or set parallel.tp=1")
+        if m.moe_aux_loss_coeff is not None and not arch.is_moe:
+            problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} weighs the router loss of a MoE model; "
+                            f"{arch.family} has no experts: remove the setting")
         expert_grid = par.tp * par.pp * par.ep  # Megatron: expert TP (= tp) x EP x PP must tile the world
         if par.ep > 1 and world_size is not None and expert_grid >= 1 and world_size % expert_grid:
             problems.append(f"world size {world_size} is not divisible by tp*pp*ep = {expert_grid} (the expert "
@@ -317,9 +327,6 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
             f"{what} with model.attention_backend=local: Megatron's local attention refuses context parallelism "
             f"and packed sequences; set model.attention_backend=torch (or auto / te on GPU)"
         )
-    if d.packing and par.pp > 1:
-        problems.append("data.packing with parallel.pp>1: pipeline stages exchange fixed-shape activations and a "
-                        "pack's length varies; set data.packing=false or parallel.pp=1")
     if d.packing and par.sequence_parallel:
         problems.append("data.packing with parallel.sequence_parallel is not supported yet; set one of them off")
     if par.sequence_parallel and d.seq_length % par.tp:
@@ -345,7 +352,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
             problems.append("data.train_prefix is required (the P of P.bin/P.idx/P.json)")
         for key, prefix in (("data.train_prefix", d.train_prefix), ("data.valid_prefix", d.valid_prefix)):
             arrays = _dataset_arrays(prefix, problems, key, full=d.verify_full) if prefix else None
-            for name in required_arrays(loss) if arrays is not None else ():
+            for name in required_arrays(loss) if arrays is not None and loss.kind in loss_names() else ():
                 if name not in arrays:
                     problems.append(
                         f"loss.kind={loss.kind} (kl_coef={loss.kl_coef}) needs the per-token array {name!r}, "

@@ -27,6 +27,10 @@ class ModelConfig:
     fp8_recipe: Optional[str] = None  # TE only: delayed | tensorwise | mxfp8 | blockwise
     make_vocab_size_divisible_by: int = 128
     recompute_granularity: Optional[str] = None  # null | selective | full
+    # MoE only: weight of the router's load-balancing (Switch) loss, per layer and microbatch, added to the loss
+    # (logged as moe_aux_loss). null = the model's own config.json `router_aux_loss_coef` (Qwen3-MoE: 0.001);
+    # 0 = no load balancing term.
+    moe_aux_loss_coeff: Optional[float] = None
 
 
 @dataclass
@@ -50,11 +54,17 @@ class DataConfig:
     micro_batch_size: int = 4  # sequences per microbatch per DP rank
     seq_length: int = 1024  # padded sequence length of a microbatch (longer sequences are rejected)
     # Pack each microbatch into one THD row (cu_seqlens) instead of padding every sequence to seq_length;
-    # needs model.attention_backend torch / te / auto. Sequences are aligned to 2*cp inside the pack.
+    # needs model.attention_backend torch / te / auto. Sequences are aligned to 2*cp inside the pack. With
+    # parallel.pp > 1 every pack is filled to exactly seq_length tokens (a fixed shape for the pipeline), so
+    # seq_length must hold micro_batch_size sequences.
     packing: bool = False
     pad_token_id: int = 0
     num_epochs: Optional[int] = None  # null = as many as train_steps needs
     seed: int = 1234
+    # Batches are read and collated by DataLoader worker processes, `prefetch_factor` batches ahead of the step
+    # per worker; 0 = on the training thread.
+    num_workers: int = 1
+    prefetch_factor: int = 2
     # Before anything starts, the dataset is checked against its manifest (sizes, index hashes, index sanity,
     # per-token array alignment). true also hashes the whole .bin files and scans the per-token arrays for NaN.
     verify_full: bool = False
@@ -73,6 +83,9 @@ class LossConfig:
     max_response_len: Optional[int] = None  # the fixed normalizer of seq-mean-token-sum-norm
     shaping_gamma: Optional[float] = None  # LUFFY policy shaping p / (p + gamma) (offline_grpo)
     logprob_chunk_size: Optional[int] = None  # tokens per chunk of the log-prob computation (null = auto)
+    # auto | true | false: the loss applies the output weight to the final hidden states tile by tile, so the
+    # [tokens, vocab/tp] logits never exist (losses/fused_output.py). auto = on (benchmarks/train_step.py).
+    fused_output_layer: str = "auto"
     teacher: Optional[str] = None  # opd: the teacher the dataset's teacher_logp must come from
     allow_teacher_mismatch: bool = False
 

@@ -1,4 +1,4 @@
-"""Reader of the trajectory dataset format (DESIGN 5): random access to tokens, rewards and group structure."""
+"""Reader of the trajectory dataset format (docs/design.md §5): random access to tokens, rewards and groups."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dataset format version 1 (DESIGN 5): file names and schema shared by the writer and the reader.
+"""Dataset format version 1 (docs/design.md §5): file names and schema shared by the writer and the reader.
 
 For an output prefix ``P``:
 

@@ -1,6 +1,6 @@
 """Group sampler: global batches of whole groups, G trajectories drawn per group, sharded across DP ranks.
 
-Contract (DESIGN 2 and 4):
+Contract (docs/design.md §§5.8 and 4.4):
 
 - A *global batch* is ``groups_per_batch`` groups; from each group ``group_size`` (G) of its K trajectories are
   drawn without replacement, deterministically from ``(seed, epoch, group_id)`` (sorted by rollout order).

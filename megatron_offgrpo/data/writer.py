@@ -1,4 +1,4 @@
-"""Atomic writer of the trajectory dataset format (DESIGN 5, :mod:`.format`).
+"""Atomic writer of the trajectory dataset format (docs/design.md §5, :mod:`.format`).
 
 Everything is written under temporary names (``P.tmp<pid>.*``), hashed, and renamed into place at :meth:`commit`
 through the journaled commit of :mod:`.atomic`; the manifest ``P.json`` is written last. A run killed at any point
@@ -245,7 +245,7 @@ def add_per_token_array(
     (a NaN / inf raises ValueError naming the sequence and the token). The array files are written under
     temporary names, hashed, and committed together with the new manifest through :mod:`.atomic`, so a failure or
     a kill leaves the dataset as it was (an array it replaces included). ``producer`` (e.g.
-    ``{"model": ..., "checkpoint": ...}``) is recorded in the manifest: DESIGN 3 refuses a teacher/reference
+    ``{"model": ..., "checkpoint": ...}``) is recorded in the manifest: docs/design.md §3 refuses a teacher/reference
     mismatch at train time. Only the token files are verified first, so that a damaged array can be recomputed.
     """
     from megatron_offgrpo.data.dataset import TrajectoryDataset

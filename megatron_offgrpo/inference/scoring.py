@@ -8,6 +8,7 @@ with the tokens: entry ``j`` is ``log p(token_j | tokens_<j)``, and entry 0 (no 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import numpy as np
@@ -28,11 +29,14 @@ def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
     from tqdm import tqdm
 
     from megatron_offgrpo.data import TrajectoryDataset, collate_pad
-    from megatron_offgrpo.losses import cp_chunk_indices, split_for_context_parallel, vocab_parallel_logprobs
+    from megatron_offgrpo.losses import cp_chunk_indices, logprobs_from_model_output, split_for_context_parallel
+    from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled
+    from megatron_offgrpo.models.provider import output_hidden_states
     from megatron_offgrpo.training.setup import build_training_objects, initialize_distributed
 
     initialize_distributed(cfg)
     objs = build_training_objects(cfg)
+    fused = fused_output_layer_enabled(cfg.loss.fused_output_layer)
     for chunk in objs.model:
         chunk.eval()
     dataset = TrajectoryDataset(prefix, per_token_arrays=())
@@ -61,11 +65,16 @@ def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             device = next(model.parameters()).device
-            out = model(mb["tokens"].to(device), mb["positions"].to(device), None)
+            # loss.fused_output_layer: the model returns hidden states and the log-probs apply the output weight
+            # (the same function as the trainer's, so scored and trained log-probs agree), logits never exist.
+            with output_hidden_states(model) if fused else contextlib.nullcontext() as output_weight:
+                out = model(mb["tokens"].to(device), mb["positions"].to(device), None)
 
-            def collect(logits):
-                logp = vocab_parallel_logprobs(logits, mb["labels"].to(logits.device), vocab_size=objs.vocab_size)
-                return logits.sum() * 0.0, {"logp": logp.detach().cpu()}
+            def collect(output):
+                logp = logprobs_from_model_output(output, mb["labels"].to(output.device), output_weight,
+                                                  vocab_size=objs.vocab_size,
+                                                  sequence_parallel=cfg.parallel.sequence_parallel)
+                return output.sum() * 0.0, {"logp": logp.detach().cpu()}
 
             return out, collect
 

@@ -1,4 +1,4 @@
-"""Group-relative advantages with the all-positive bias (DESIGN.md section 2).
+"""Group-relative advantages with the all-positive bias (docs/design.md §2).
 
 Advantages are computed at train time from the stored per-trajectory rewards, so that the bias ``b``, the
 group size ``G`` and the std mode can change without re-preprocessing the dataset.
@@ -106,5 +106,5 @@ def group_advantages(
 
 
 def opd_advantages(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
-    """Lightning OPD per-token advantage ``A_t = teacher_t - old_t`` (DESIGN 3), detached, fp32."""
+    """Lightning OPD per-token advantage ``A_t = teacher_t - old_t`` (docs/design.md §3), detached, fp32."""
     return (teacher_logprobs.detach().float() - old_logprobs.detach().float())

@@ -4,8 +4,8 @@ Megatron splits every sequence of length ``T`` into ``2*cp`` equal chunks and gi
 ``r`` and ``2*cp - 1 - r`` (so that each rank gets an equal share of the causal-attention work). Per-token
 log-probs are then local to each rank, but any per-sequence quantity is not: the ``1/|o_i|`` of
 ``seq-mean-token-mean`` must be the *whole* sequence's response length. Counting only the local tokens divides
-by roughly ``|o_i| / cp`` instead, which is the factor-of-CP bug DESIGN 7 lists. :func:`cp_sequence_token_counts`
-all-reduces the counts over the CP group; with them, the CP ranks' losses sum to the CP=1 loss.
+by roughly ``|o_i| / cp`` instead, which is the factor-of-CP bug docs/design.md §7 lists.
+:func:`cp_sequence_token_counts` all-reduces the counts over the CP group; with them, the CP ranks' losses sum to the CP=1 loss.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-token log-probabilities of given targets from vocab-parallel (tensor-parallel sharded) logits.
 
-Contract (DESIGN.md section 4): each TP rank holds logits ``[..., V/tp]`` for the contiguous vocabulary slice
+Contract (docs/design.md §4): each TP rank holds logits ``[..., V/tp]`` for the contiguous vocabulary slice
 ``[rank * V/tp, (rank + 1) * V/tp)``. For every token
 
     logp = x_target - logsumexp(x)                                   (over the *global* vocabulary)

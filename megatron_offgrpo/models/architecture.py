@@ -26,6 +26,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "model_config_from_hf",
     "load_hf_config",
+    "read_config_json",
     "padded_vocab_size",
     "tiny_architecture",
 ]
@@ -108,8 +109,8 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, make_vocab_size_divisible_by
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def load_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
-    """A HF config as a plain dict, from a dict, a ``config.json`` path or a model directory.
+def read_config_json(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A ``config.json`` exactly as written, as a dict: from a dict, the file's path or a model directory.
 
     Raises :class:`~megatron_offgrpo.models.errors.MissingCheckpointFileError` (a ``FileNotFoundError``) when
     the directory or its ``config.json`` does not exist and
@@ -118,6 +119,20 @@ def load_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[s
     """
     if isinstance(source, Mapping):
         return dict(source)
+    path = _config_path(source)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointFileError(
+            f"{path} is not valid JSON ({e}): restore the model's config.json from its source", path=path
+        ) from None
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointFileError(f"{path} is not a JSON object: restore the model's config.json", path=path)
+    return cfg
+
+
+def _config_path(source: Union[str, os.PathLike]) -> str:
     path = os.fspath(source)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -129,16 +144,45 @@ def load_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[s
             "(and the *.safetensors weights)",
             path=path,
         )
+    return path
+
+
+def load_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A HF config as a plain dict with its family's defaults filled in, from a dict, a path or a directory.
+
+    The file is read by :func:`read_config_json` (same errors, naming the path), then, for a supported
+    ``model_type``, passed through ``transformers.AutoConfig`` so that every field the file leaves out takes
+    the value ``transformers`` itself would build the model with (its ``to_dict()``). A config of another
+    ``model_type`` is returned as read (:func:`model_config_from_hf` refuses it naming the type). Values that
+    ``transformers`` rejects raise :class:`~megatron_offgrpo.models.errors.CorruptCheckpointFileError` naming
+    the file.
+    """
+    raw = read_config_json(source)
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        return raw
+    from transformers import AutoConfig
+
+    where = "the config" if isinstance(source, Mapping) else _config_path(source)
     try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
+    except _config_errors() as e:
+        reason = " ".join(str(e).split())
         raise CorruptCheckpointFileError(
-            f"{path} is not valid JSON ({e}): restore the model's config.json from its source", path=path
+            f"{where}: transformers cannot build a {model_type} config from it ({reason}): fix the field it names",
+            path=None if isinstance(source, Mapping) else where,
         ) from None
-    if not isinstance(cfg, dict):
-        raise CorruptCheckpointFileError(f"{path} is not a JSON object: restore the model's config.json", path=path)
-    return cfg
+    return config.to_dict()
+
+
+def _config_errors() -> tuple:
+    """What ``AutoConfig`` raises for a bad field (recent versions validate fields through huggingface_hub)."""
+    errors: tuple = (ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: the built-in errors only
+        return errors
+    return errors + (StrictDataclassError,)
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:

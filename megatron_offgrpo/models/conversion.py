@@ -1,8 +1,10 @@
 """The weight mapping between Hugging Face checkpoints and Megatron-Core's ``GPTModel`` (local layer spec).
 
-Pure tensor code, no I/O: the converters feed it a lazy getter over safetensors shards (HF side) or over a
-loaded Megatron state dict (Megatron side) and consume the ``(name, tensor)`` pairs it yields one at a time,
-so that at most one layer's tensors are alive here at once.
+Pure tensor code, no I/O. The mapping is a table of :class:`TensorRecipe` s, one per output tensor: which
+source tensors it reads (by name, with their expected shapes) and how it combines them. Every source tensor
+feeds exactly one recipe on the HF -> Megatron side, so a streaming converter can build any output tensor on
+its own, in whatever order its writer asks for them (:mod:`megatron_offgrpo.models.streaming`);
+:func:`hf_to_mcore_tensors` / :func:`mcore_to_hf_tensors` walk the tables in order over a lazy getter.
 
 Layout facts this module encodes (each one is pinned by a test against ``transformers``):
 
@@ -20,7 +22,8 @@ Layout facts this module encodes (each one is pinned by a test against ``transfo
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -33,6 +36,9 @@ __all__ = [
     "expected_mcore_shapes",
     "pack_qkv",
     "unpack_qkv",
+    "TensorRecipe",
+    "hf_to_mcore_recipes",
+    "mcore_to_hf_recipes",
     "hf_to_mcore_tensors",
     "mcore_to_hf_tensors",
 ]
@@ -100,12 +106,26 @@ def expected_hf_shapes(arch: ModelArchitecture) -> Dict[str, Tuple[int, ...]]:
 
 def expected_mcore_shapes(arch: ModelArchitecture, padded_vocab: int) -> Dict[str, Tuple[int, ...]]:
     """Every parameter of the TP=1 local-spec ``GPTModel`` of ``arch`` (``state_dict`` names) with its shape."""
-    return {name: tuple(t.shape) for name, t in hf_to_mcore_tensors(arch, _shape_only_getter(arch), padded_vocab)}
+    return {name: r.shape for name, r in hf_to_mcore_recipes(arch, padded_vocab).items()}
 
 
-def _shape_only_getter(arch: ModelArchitecture) -> Getter:
-    shapes = expected_hf_shapes(arch)
-    return lambda name: torch.empty(shapes[name], device="meta")
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How one output tensor is made: ``combine(*sources)``, each source read by name with the shape given.
+
+    ``pad_rows`` (embedding / output layer on import) says that the output is the single source followed by
+    zero rows up to ``pad_rows`` rows, so a converter may fill it block by block instead of calling ``combine``.
+    """
+
+    sources: Tuple[str, ...]
+    source_shapes: Tuple[Tuple[int, ...], ...]
+    shape: Tuple[int, ...]
+    combine: Callable[..., torch.Tensor]
+    pad_rows: Optional[int] = None
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _checked(get: Getter, name: str, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -142,116 +162,123 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def hf_to_mcore_recipes(arch: ModelArchitecture, padded_vocab: int) -> Dict[str, TensorRecipe]:
+    """Megatron ``state_dict`` name -> its recipe over HF tensors, embedding first, layer by layer (HF order)."""
+    h = arch.hidden_size
+    hf = expected_hf_shapes(arch)
+    out: Dict[str, TensorRecipe] = {}
+
+    def add(name: str, sources: Tuple[str, ...], shape: Tuple[int, ...], combine=_identity, pad_rows=None) -> None:
+        out[name] = TensorRecipe(sources, tuple(hf[s] for s in sources), tuple(shape), combine, pad_rows)
+
+    pad = lambda t: _pad_rows(t, padded_vocab)  # noqa: E731
+    add("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), (padded_vocab, h), pad, padded_vocab)
+    for i in range(arch.num_layers):
+        _layer_recipes(arch, i, hf, add)
+    add("decoder.final_layernorm.weight", ("model.norm.weight",), (h,))
+    if not arch.tie_word_embeddings:
+        add("output_layer.weight", ("lm_head.weight",), (padded_vocab, h), pad, padded_vocab)
+    return out
+
+
+def _layer_recipes(arch: ModelArchitecture, i: int, hf: Dict[str, Tuple[int, ...]], add) -> None:
+    hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    pack = lambda q, k, v: pack_qkv(arch, q, k, v)  # noqa: E731
+    fuse = lambda gate, up: torch.cat([gate, up])  # noqa: E731
+    same = lambda name: hf[name]  # noqa: E731
+
+    add(mp + "input_layernorm.weight", (hp + "input_layernorm.weight",), same(hp + "input_layernorm.weight"))
+    add(mp + "self_attention.linear_qkv.weight", tuple(f"{hp}self_attn.{x}_proj.weight" for x in "qkv"),
+        (qkv_rows, arch.hidden_size), pack)  # fmt: skip
+    if arch.qkv_bias:
+        add(mp + "self_attention.linear_qkv.bias", tuple(f"{hp}self_attn.{x}_proj.bias" for x in "qkv"), (qkv_rows,),
+            pack)  # fmt: skip
+    if arch.qk_norm:
+        add(mp + "self_attention.q_layernorm.weight", (hp + "self_attn.q_norm.weight",), (arch.head_dim,))
+        add(mp + "self_attention.k_layernorm.weight", (hp + "self_attn.k_norm.weight",), (arch.head_dim,))
+    o_proj = hp + "self_attn.o_proj.weight"
+    add(mp + "self_attention.linear_proj.weight", (o_proj,), same(o_proj))
+    add(mp + "pre_mlp_layernorm.weight", (hp + "post_attention_layernorm.weight",), (arch.hidden_size,))
+    if arch.is_moe:
+        add(mp + "mlp.router.weight", (hp + "mlp.gate.weight",), same(hp + "mlp.gate.weight"))
+        f = arch.moe_ffn_hidden_size
+        for e in range(arch.num_experts):
+            src, dst = f"{hp}mlp.experts.{e}.", f"{mp}mlp.experts.local_experts.{e}."
+            add(dst + "linear_fc1.weight", (src + "gate_proj.weight", src + "up_proj.weight"),
+                (2 * f, arch.hidden_size), fuse)  # fmt: skip
+            add(dst + "linear_fc2.weight", (src + "down_proj.weight",), same(src + "down_proj.weight"))
+    else:
+        f = arch.ffn_hidden_size
+        add(mp + "mlp.linear_fc1.weight", (hp + "mlp.gate_proj.weight", hp + "mlp.up_proj.weight"),
+            (2 * f, arch.hidden_size), fuse)  # fmt: skip
+        add(mp + "mlp.linear_fc2.weight", (hp + "mlp.down_proj.weight",), same(hp + "mlp.down_proj.weight"))
+
+
+def mcore_to_hf_recipes(arch: ModelArchitecture, padded_vocab: int) -> Dict[str, TensorRecipe]:
+    """HF tensor name -> its recipe over TP=1 Megatron ``state_dict`` tensors, in Megatron order.
+
+    Tensors split from one Megatron tensor (q/k/v from ``linear_qkv``, gate/up from ``linear_fc1``) are
+    consecutive, so a reader that keeps the last source alive reads each Megatron tensor once.
+    """
+    mc = expected_mcore_shapes(arch, padded_vocab)
+    hf = expected_hf_shapes(arch)
+    out: Dict[str, TensorRecipe] = {}
+    for mname, r in hf_to_mcore_recipes(arch, padded_vocab).items():
+        n = len(r.sources)
+        for j, hname in enumerate(r.sources):
+            if r.pad_rows:
+                split = _strip_rows(arch.vocab_size)
+            elif n == 1:
+                split = _identity
+            elif n == 3:
+                split = _unpack_one(arch, j)
+            else:
+                split = _chunk_one(j)
+            out[hname] = TensorRecipe((mname,), (mc[mname],), hf[hname], split)
+    return out
+
+
+def _strip_rows(rows: int):
+    return lambda t: t[:rows]
+
+
+def _unpack_one(arch: ModelArchitecture, j: int):
+    """Part j (q, k or v) of :func:`unpack_qkv`, without materialising the other two."""
+    g, d = arch.num_query_groups, arch.head_dim
+    sizes = [arch.num_attention_heads // g * d, d, d]
+
+    def part(qkv: torch.Tensor) -> torch.Tensor:
+        tail = qkv.shape[1:]
+        return torch.split(qkv.reshape(g, sum(sizes), *tail), sizes, dim=1)[j].reshape(-1, *tail)
+
+    return part
+
+
+def _chunk_one(j: int):
+    return lambda fc1: torch.chunk(fc1, 2, dim=0)[j]
+
+
 def hf_to_mcore_tensors(arch: ModelArchitecture, get: Getter, padded_vocab: int) -> Pairs:
     """Yield ``(megatron_state_dict_name, tensor)`` for the whole model, embedding first, layer by layer.
 
     ``get(hf_name)`` returns one HF tensor (lazily); shapes are validated against ``arch`` before use and a
     missing tensor raises :class:`MissingTensorError` (from the getter) naming it.
     """
-    h = arch.hidden_size
-    emb = _checked(get, "model.embed_tokens.weight", (arch.vocab_size, h))
-    yield "embedding.word_embeddings.weight", _pad_rows(emb, padded_vocab)
-    del emb
-    for i in range(arch.num_layers):
-        yield from _layer_to_mcore(arch, get, i)
-    yield "decoder.final_layernorm.weight", _checked(get, "model.norm.weight", (h,))
-    if not arch.tie_word_embeddings:
-        head = _checked(get, "lm_head.weight", (arch.vocab_size, h))
-        yield "output_layer.weight", _pad_rows(head, padded_vocab)
-
-
-def _layer_to_mcore(arch: ModelArchitecture, get: Getter, i: int) -> Pairs:
-    shapes = _hf_layer_shapes(arch, i)
-    hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-
-    def g(suffix: str) -> torch.Tensor:
-        return _checked(get, hp + suffix, shapes[hp + suffix])
-
-    yield mp + "input_layernorm.weight", g("input_layernorm.weight")
-    qkv = [g(f"self_attn.{x}_proj.weight") for x in "qkv"]
-    yield mp + "self_attention.linear_qkv.weight", pack_qkv(arch, *qkv)
-    del qkv
-    if arch.qkv_bias:
-        yield mp + "self_attention.linear_qkv.bias", pack_qkv(arch, *[g(f"self_attn.{x}_proj.bias") for x in "qkv"])
-    if arch.qk_norm:
-        yield mp + "self_attention.q_layernorm.weight", g("self_attn.q_norm.weight")
-        yield mp + "self_attention.k_layernorm.weight", g("self_attn.k_norm.weight")
-    yield mp + "self_attention.linear_proj.weight", g("self_attn.o_proj.weight")
-    yield mp + "pre_mlp_layernorm.weight", g("post_attention_layernorm.weight")
-    if arch.is_moe:
-        yield mp + "mlp.router.weight", g("mlp.gate.weight")
-        for e in range(arch.num_experts):
-            src, dst = f"mlp.experts.{e}.", f"{mp}mlp.experts.local_experts.{e}."
-            yield dst + "linear_fc1.weight", torch.cat([g(src + "gate_proj.weight"), g(src + "up_proj.weight")])
-            yield dst + "linear_fc2.weight", g(src + "down_proj.weight")
-    else:
-        yield mp + "mlp.linear_fc1.weight", torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")])
-        yield mp + "mlp.linear_fc2.weight", g("mlp.down_proj.weight")
+    for name, recipe in hf_to_mcore_recipes(arch, padded_vocab).items():
+        sources = [_checked(get, s, shape) for s, shape in zip(recipe.sources, recipe.source_shapes)]
+        yield name, recipe.combine(*sources)
+        del sources
 
 
 def mcore_to_hf_tensors(arch: ModelArchitecture, get: Getter, padded_vocab: int) -> Pairs:
     """Yield ``(hf_name, tensor)`` for the canonical HF checkpoint, from a TP=1 Megatron state-dict getter.
 
-    Padded vocabulary rows are stripped. Shapes of the Megatron tensors are validated first.
+    Padded vocabulary rows are stripped. Shapes of the Megatron tensors are validated first. Each Megatron
+    tensor is read once (the last one read is kept while the HF tensors split from it are made).
     """
-    expected = expected_mcore_shapes(arch, padded_vocab)
-
-    def g(name: str) -> torch.Tensor:
-        return _checked(get, name, expected[name])
-
-    yield "model.embed_tokens.weight", g("embedding.word_embeddings.weight")[: arch.vocab_size]
-    for i in range(arch.num_layers):
-        yield from _layer_to_hf(arch, g, i)
-    yield "model.norm.weight", g("decoder.final_layernorm.weight")
-    if not arch.tie_word_embeddings:
-        yield "lm_head.weight", g("output_layer.weight")[: arch.vocab_size]
-
-
-def _layer_to_hf(arch: ModelArchitecture, g: Getter, i: int) -> Pairs:
-    hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-    yield hp + "input_layernorm.weight", g(mp + "input_layernorm.weight")
-    q, k, v = unpack_qkv(arch, g(mp + "self_attention.linear_qkv.weight"))
-    yield hp + "self_attn.q_proj.weight", q
-    yield hp + "self_attn.k_proj.weight", k
-    yield hp + "self_attn.v_proj.weight", v
-    if arch.qkv_bias:
-        q, k, v = unpack_qkv(arch, g(mp + "self_attention.linear_qkv.bias"))
-        yield hp + "self_attn.q_proj.bias", q
-        yield hp + "self_attn.k_proj.bias", k
-        yield hp + "self_attn.v_proj.bias", v
-    if arch.qk_norm:
-        yield hp + "self_attn.q_norm.weight", g(mp + "self_attention.q_layernorm.weight")
-        yield hp + "self_attn.k_norm.weight", g(mp + "self_attention.k_layernorm.weight")
-    yield hp + "self_attn.o_proj.weight", g(mp + "self_attention.linear_proj.weight")
-    yield hp + "post_attention_layernorm.weight", g(mp + "pre_mlp_layernorm.weight")
-    if arch.is_moe:
-        yield hp + "mlp.gate.weight", g(mp + "mlp.router.weight")
-        for e in range(arch.num_experts):
-            src, dst = f"{mp}mlp.experts.local_experts.{e}.", f"{hp}mlp.experts.{e}."
-            gate, up = torch.chunk(g(src + "linear_fc1.weight"), 2, dim=0)
-            yield dst + "gate_proj.weight", gate
-            yield dst + "up_proj.weight", up
-            yield dst + "down_proj.weight", g(src + "linear_fc2.weight")
-    else:
-        gate, up = torch.chunk(g(mp + "mlp.linear_fc1.weight"), 2, dim=0)
-        yield hp + "mlp.gate_proj.weight", gate
-        yield hp + "mlp.up_proj.weight", up
-        yield hp + "mlp.down_proj.weight", g(mp + "mlp.linear_fc2.weight")
-
-
-def layer_of(mcore_name: str) -> int:
-    """Decoder layer index of a Megatron parameter name, -1 for embedding / final norm / output layer."""
-    parts = mcore_name.split(".")
-    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
-        return int(parts[2])
-    return -1
-
-
-def hf_names_by_layer(arch: ModelArchitecture) -> List[List[str]]:
-    """HF tensor names grouped per decoder layer (index L = non-layer tensors), for progress reporting."""
-    groups: List[List[str]] = [[] for _ in range(arch.num_layers + 1)]
-    for name in expected_hf_shapes(arch):
-        parts = name.split(".")
-        idx = int(parts[2]) if name.startswith("model.layers.") else arch.num_layers
-        groups[idx].append(name)
-    return groups
+    cache: Dict[str, torch.Tensor] = {}
+    for name, recipe in mcore_to_hf_recipes(arch, padded_vocab).items():
+        cache = {s: cache[s] if s in cache else _checked(get, s, shape)
+                 for s, shape in zip(recipe.sources, recipe.source_shapes)}  # fmt: skip
+        yield name, recipe.combine(*(cache[s] for s in recipe.sources))

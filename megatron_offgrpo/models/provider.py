@@ -15,27 +15,42 @@ against ``transformers`` in tests/test_convert*.py):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 
 from megatron_offgrpo.models.architecture import ModelArchitecture
 from megatron_offgrpo.models.specs import build_layer_spec, resolve_backend
 
-__all__ = ["build_transformer_config", "build_gpt_model", "apply_mcore_compat_patches"]
+__all__ = ["build_transformer_config", "build_gpt_model", "apply_mcore_compat_patches", "output_hidden_states"]
 
 
 def apply_mcore_compat_patches() -> None:
-    """Work around a Megatron-Core 0.16 bug hit whenever Transformer Engine is absent.
+    """Work around two Megatron-Core 0.16 MoE bugs, hit without Transformer Engine and on the CPU backend.
 
-    ``moe_utils`` only defines ``te_general_gemm`` when its TE import succeeds, but the MoE router's gating
-    linear tests ``te_general_gemm is not None`` unconditionally -> ``NameError`` on any MoE forward without TE.
-    Defining it as ``None`` selects the plain ``torch.mm`` path that the code already has.
+    * ``moe_utils`` only defines ``te_general_gemm`` when its TE import succeeds, but the MoE router's gating
+      linear tests ``te_general_gemm is not None`` unconditionally -> ``NameError`` on any MoE forward without TE.
+      Defining it as ``None`` selects the plain ``torch.mm`` path that the code already has.
+    * Without CUDA, the all-to-all token dispatcher's ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` leaves its
+      split sizes as tensors (it converts only CUDA tensors), and ``all_to_all_single`` refuses them ("TypeError:
+      all_to_all_single(): incompatible function arguments"). The dispatcher's own conversion is applied to CPU
+      tensors too.
     """
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+    if not torch.cuda.is_available() and not getattr(original, "offgrpo_cpu_splits", False):
+
+        def move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        move_to_cpu.offgrpo_cpu_splits = True
+        token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
 def build_transformer_config(
@@ -118,9 +133,10 @@ def build_transformer_config(
     if arch.is_moe:
         apply_mcore_compat_patches()
         if moe_token_dispatcher_type is None:
-            # The all-to-all dispatcher overlaps device-to-host copies with CUDA events, which the CPU backend
-            # cannot provide; the all-gather dispatcher has no such dependency and is exact too.
-            moe_token_dispatcher_type = "allgather" if on_cpu else "alltoall"
+            # All-to-all on CPU too (the CPU backend stubs its CUDA streams and events; see
+            # apply_mcore_compat_patches): it takes a different token count from each EP rank, which the
+            # all-gather dispatcher cannot (microbatches of different lengths on the EP ranks fail in its gather).
+            moe_token_dispatcher_type = "alltoall"
         kwargs.update(
             num_moe_experts=arch.num_experts,
             moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
@@ -185,3 +201,38 @@ def build_gpt_model(
         rotary_base=arch.rope_theta,
         **kwargs,
     )
+
+
+def _hand_hidden_states_through(input_, weight=None, runtime_gather_output=None):
+    """``ColumnParallelLinear.forward``'s signature and ``(output, bias)`` result, without the matmul."""
+    return input_, None
+
+
+@contextlib.contextmanager
+def output_hidden_states(model) -> Iterator[Optional[torch.Tensor]]:
+    """Within the block, the GPTModel ``model`` (DDP-wrapped or not) returns its final hidden states instead of
+    its logits, and the block receives the output weight the logits would have used; ``None`` off the last
+    pipeline stage (which returns hidden states anyway).
+
+    For ``loss.fused_output_layer`` (:mod:`megatron_offgrpo.losses.fused_output`): the loss applies the weight
+    itself, tile by tile, so the ``[tokens, V/tp]`` logits never exist. The output layer is left exactly as it is
+    (parameters, checkpoint keys, the tied-embedding and DDP hooks); only its ``forward`` hands its input
+    through, for this block's calls only. The hidden states come out of GPTModel as the logits would: ``[b, s, H]``
+    (``[b, s/tp, H]``, sequence-sharded, under sequence parallelism: the gather the output layer would do is the
+    loss's now). The weight is the embedding's when the embeddings are tied, as GPTModel's own postprocess picks it.
+    """
+    from megatron.core.utils import unwrap_model
+
+    gpt = unwrap_model(model)
+    if not getattr(gpt, "post_process", False):
+        yield None
+        return
+    if getattr(gpt.config, "mtp_num_layers", None):
+        raise NotImplementedError("output_hidden_states: multi-token prediction applies the output layer itself")
+    layer = gpt.output_layer
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
+    layer.forward = _hand_hidden_states_through  # an instance attribute: shadows the class's forward
+    try:
+        yield weight
+    finally:
+        del layer.forward

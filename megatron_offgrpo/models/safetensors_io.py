@@ -1,32 +1,43 @@
 """Lazy reading and sharded writing of Hugging Face safetensors checkpoints.
 
 Reading keeps at most one shard memory-mapped at a time (HF writes shards in layer order and the converters
-walk layers in order, so switching shards is rare) and copies out one tensor per request: peak memory is
-about one tensor plus the mapped pages of one shard, never the model.
+walk layers in order, so switching shards is rare) and hands out memory-mapped tensors, remapping after a byte
+budget: peak memory is about the tensors in use plus the budget, never the model.
 
-Writing buffers tensors up to ``max_shard_bytes``, flushes each shard to a temporary name and renames them
-to ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json`` at the end, so an interrupted
-export never leaves a directory that ``transformers`` would load.
+Writing plans the shards from the tensors' names, shapes and dtypes before any data exists
+(:func:`plan_safetensors_shards`), then streams each tensor's bytes into its shard behind a header written
+first (:class:`SafetensorsShardWriter`): no shard is ever held in memory. The exporter writes into a temporary
+directory that it renames at the end, so an interrupted export never leaves a directory that ``transformers``
+would load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from megatron_offgrpo.models.conversion import MissingTensorError
+from megatron_offgrpo.models.conversion import MissingTensorError, ShapeMismatchError
 from megatron_offgrpo.models.errors import (
     CorruptCheckpointFileError,
     MissingCheckpointFileError,
     TruncatedCheckpointFileError,
 )
 
-__all__ = ["SafetensorsReader", "ShardedSafetensorsWriter", "check_safetensors_file", "INDEX_NAME", "SINGLE_NAME"]
+__all__ = [
+    "SafetensorsReader",
+    "SafetensorsShardWriter",
+    "plan_safetensors_shards",
+    "shard_file_name",
+    "write_safetensors_index",
+    "check_safetensors_file",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -44,6 +55,11 @@ def check_safetensors_file(path: str) -> List[str]:
     and the first tensor (in file order) whose bytes are missing; an unparsable header or trailing bytes raise
     :class:`CorruptCheckpointFileError`.
     """
+    return list(_checked_header(path))
+
+
+def _checked_header(path: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """:func:`check_safetensors_file`, returning ``name -> (safetensors dtype, shape)`` in file order."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -65,6 +81,8 @@ def check_safetensors_file(path: str) -> List[str]:
         header = json.loads(raw)
         entries = [(k, v["data_offsets"]) for k, v in header.items() if k != "__metadata__"]
         ends = [(int(off[1]), k) for k, off in entries]
+        info = {k: (str(v["dtype"]), tuple(int(n) for n in v["shape"]))
+                for k, v in header.items() if k != "__metadata__"}  # fmt: skip
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise CorruptCheckpointFileError(
             f"{path} has a damaged safetensors header ({e}): {_DAMAGED}", path=path
@@ -84,7 +102,7 @@ def check_safetensors_file(path: str) -> List[str]:
             f"{path} has {size - expected} bytes after its last tensor, not a valid safetensors file: {_DAMAGED}",
             path=path,
         )
-    return [k for k, _ in entries]
+    return info
 
 
 def _read_index(index: str) -> Dict[str, str]:
@@ -105,13 +123,21 @@ class SafetensorsReader:
 
     Every shard is checked when the reader is created (:func:`check_safetensors_file`: its header only, never
     the tensor data), so a missing or truncated shard fails before any conversion work, with
-    :class:`~megatron_offgrpo.models.errors.CheckpointFormatError` naming the file and the first tensor lost.
+    :class:`~megatron_offgrpo.models.errors.CheckpointFormatError` naming the file and the first tensor lost;
+    :meth:`shape` then answers from the headers without reading data.
+
+    Tensors are handed out as safetensors returns them: backed by the shard's memory map, so reading costs no
+    copy, but every page read stays resident while the shard is mapped. The reader therefore drops its mapping
+    after ``map_budget_bytes`` of tensors (and when it moves to another shard): resident file pages stay
+    bounded by the budget plus the tensors the caller still holds.
     """
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, map_budget_bytes: int = 256 * 1024**2) -> None:
         self.model_dir = model_dir
+        self.map_budget_bytes = map_budget_bytes
         index = os.path.join(model_dir, INDEX_NAME)
         single = os.path.join(model_dir, SINGLE_NAME)
+        self._info: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
         if os.path.exists(index):
             self.weight_map: Dict[str, str] = _read_index(index)
             for shard in sorted(set(self.weight_map.values())):
@@ -123,9 +149,10 @@ class SafetensorsReader:
                         "directory again",
                         path=path,
                     )
-                check_safetensors_file(path)
+                self._info.update(_checked_header(path))
         elif os.path.exists(single):
-            self.weight_map = {k: SINGLE_NAME for k in check_safetensors_file(single)}
+            self._info = _checked_header(single)
+            self.weight_map = {k: SINGLE_NAME for k in self._info}
         else:
             raise MissingCheckpointFileError(
                 f"no {INDEX_NAME} or {SINGLE_NAME} in {model_dir}: pass a Hugging Face model directory with "
@@ -134,44 +161,78 @@ class SafetensorsReader:
             )
         self._open_name: Optional[str] = None
         self._open = None
+        self._mapped_bytes = 0
         self.read: set = set()
 
     def keys(self) -> List[str]:
         """All tensor names in the checkpoint."""
         return list(self.weight_map)
 
-    def shard_files(self) -> List[str]:
-        """The distinct shard file paths."""
-        return [os.path.join(self.model_dir, f) for f in sorted(set(self.weight_map.values()))]
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """Shape of tensor ``name`` from its shard's header (no data read); :class:`MissingTensorError` if absent."""
+        if name not in self.weight_map:
+            raise MissingTensorError(f"tensor {name!r} not found in {self.model_dir}")
+        if name not in self._info:  # the index names it but its shard does not hold it
+            path = os.path.join(self.model_dir, self.weight_map[name])
+            raise CorruptCheckpointFileError(f"{path} does not hold {name!r} although {INDEX_NAME} maps it there: "
+                                             f"{_DAMAGED}", path=path, tensor=name)  # fmt: skip
+        return self._info[name][1]
 
     def _handle(self, shard: str):
-        if shard != self._open_name:
-            self.close()  # unmap the previous shard before mapping the next: bounds resident file pages
+        if shard != self._open_name or self._mapped_bytes >= self.map_budget_bytes:
+            self.close()  # unmap before mapping again: bounds the resident file pages
             self._open = safe_open(os.path.join(self.model_dir, shard), framework="pt")
             self._open_name = shard
         return self._open
 
-    def get(self, name: str) -> torch.Tensor:
-        """Copy tensor ``name`` into memory; :class:`MissingTensorError` if it does not exist.
-
-        A shard that cannot be read (damaged after the reader checked it) raises
-        :class:`~megatron_offgrpo.models.errors.CorruptCheckpointFileError` naming the file and the tensor.
-        """
+    def _shard_of(self, name: str) -> str:
         shard = self.weight_map.get(name)
         if shard is None:
             raise MissingTensorError(f"tensor {name!r} not found in {self.model_dir}")
         self.read.add(name)
+        return shard
+
+    def _damaged(self, shard: str, name: str, e: Exception) -> CorruptCheckpointFileError:
+        path = os.path.join(self.model_dir, shard)
+        return CorruptCheckpointFileError(
+            f"cannot read tensor {name!r} from {path} ({e}): the file is damaged; copy it again", path=path, tensor=name
+        )
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (memory-mapped, read-only use); :class:`MissingTensorError` if it does not exist.
+
+        A shard that cannot be read (damaged after the reader checked it) raises
+        :class:`~megatron_offgrpo.models.errors.CorruptCheckpointFileError` naming the file and the tensor.
+        """
+        shard = self._shard_of(name)
         try:
-            return self._handle(shard).get_tensor(name)
+            tensor = self._handle(shard).get_tensor(name)
         except SafetensorError as e:
-            path = os.path.join(self.model_dir, shard)
-            raise CorruptCheckpointFileError(
-                f"cannot read tensor {name!r} from {path} ({e}): the file is damaged; copy it again",
-                path=path,
-                tensor=name,
-            ) from None
+            raise self._damaged(shard, name, e) from None
+        self._mapped_bytes += tensor.numel() * tensor.element_size()
+        return tensor
 
     __call__ = get
+
+    def copy_rows_into(self, name: str, out: torch.Tensor, block_bytes: int = 8 * 1024**2) -> None:
+        """Copy tensor ``name`` into ``out`` (same shape; dtype converted) a block of rows at a time.
+
+        For the largest tensors (embedding, output layer): each block is read through a fresh mapping that is
+        dropped right after, so the resident memory is ``out`` plus one block, not ``out`` plus the whole tensor.
+        """
+        shard = self._shard_of(name)
+        shape = self.shape(name)
+        if tuple(out.shape) != shape:
+            raise ShapeMismatchError(f"tensor {name!r} has shape {shape}, expected {tuple(out.shape)}")
+        row_bytes = max(1, out[0].numel() * out.element_size()) if out.dim() and out.shape[0] else 1
+        step = max(1, block_bytes // row_bytes)
+        self.close()
+        try:
+            for start in range(0, shape[0], step):
+                with safe_open(os.path.join(self.model_dir, shard), framework="pt") as f:
+                    out[start : start + step].copy_(f.get_slice(name)[start : start + step])
+        except SafetensorError as e:
+            raise self._damaged(shard, name, e) from None
 
     def close(self) -> None:
         """Release the currently mapped shard."""
@@ -181,6 +242,7 @@ class SafetensorsReader:
                 exit_(None, None, None)
             self._open = None
             self._open_name = None
+        self._mapped_bytes = 0
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -189,55 +251,96 @@ class SafetensorsReader:
         self.close()
 
 
-class ShardedSafetensorsWriter:
-    """Accumulate ``(name, tensor)`` pairs into safetensors shards of at most ``max_shard_bytes``."""
+#: torch dtype -> safetensors dtype name (the float types a checkpoint holds).
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 1024**3) -> None:
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        os.makedirs(out_dir, exist_ok=True)
-        self._buffer: Dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._tmp_files: List[Tuple[str, List[str]]] = []
-        self.total_size = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to a contiguous private buffer: safetensors refuses shared storage)."""
-        if name in self._buffer or any(name in names for _, names in self._tmp_files):
-            raise ValueError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.detach().to("cpu").contiguous().clone()
-        self._buffer_bytes += nbytes
-        self.total_size += nbytes
+def plan_safetensors_shards(entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+                            max_shard_bytes: int) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:  # fmt: skip
+    """Split ``(name, shape, dtype)`` entries, in order, into shards of at most ``max_shard_bytes``.
 
-    def add_all(self, pairs: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Queue every pair of an iterator (consumed lazily)."""
-        for name, tensor in pairs:
-            self.add(name, tensor)
+    A shard is closed when the next tensor would overflow it (a tensor larger than the limit gets a shard of
+    its own), which is the rule ``transformers``' ``save_pretrained`` follows too.
+    """
+    shards: List[list] = [[]]
+    size = 0
+    for name, shape, dtype in entries:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += nbytes
+    return shards if shards[-1] else []
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        tmp = os.path.join(self.out_dir, f".shard-{len(self._tmp_files):05d}.safetensors.tmp")
-        save_file(self._buffer, tmp, metadata={"format": "pt"})
-        self._tmp_files.append((tmp, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_bytes = 0
 
-    def finish(self) -> Dict[str, str]:
-        """Write the last shard, rename all shards to their final names and write the index. Returns the map."""
-        self._flush()
-        n = len(self._tmp_files)
-        weight_map: Dict[str, str] = {}
-        for i, (tmp, names) in enumerate(self._tmp_files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, os.path.join(self.out_dir, final))
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-        tmp_index = os.path.join(self.out_dir, INDEX_NAME + ".tmp")
-        with open(tmp_index, "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-        os.replace(tmp_index, os.path.join(self.out_dir, INDEX_NAME))
-        return weight_map
+def shard_file_name(i: int, n: int) -> str:
+    """``model-0000i-of-0000n.safetensors`` (1-based), the names ``transformers`` writes."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class SafetensorsShardWriter:
+    """Write one safetensors file whose tensors (names, shapes, dtypes, order) are known before their data.
+
+    The header is written first, then each tensor's bytes straight from its memory as it is handed over, so a
+    shard is never held in memory (``safetensors.torch.save_file`` needs the whole shard, and copies it once
+    more while serialising). The format: 8-byte little-endian header length, the JSON header padded with spaces
+    to a multiple of 8, then the tensors back to back in header order (tests read the files with ``safetensors``
+    and ``transformers``).
+    """
+
+    def __init__(self, path: str, entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]) -> None:
+        if sys.byteorder != "little":  # safetensors stores little-endian; the bytes below are written as in memory
+            raise RuntimeError("SafetensorsShardWriter needs a little-endian host")
+        self.path = path
+        self.entries = list(entries)
+        header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in self.entries:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written (expected one of "
+                                 f"{sorted(map(str, SAFETENSORS_DTYPES))})")  # fmt: skip
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.total_size = offset
+        self._f = open(path, "wb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+
+    @property
+    def done(self) -> bool:
+        """All tensors written."""
+        return self._next == len(self.entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the next planned entry (name, shape and dtype)."""
+        if self.done:
+            raise ValueError(f"{self.path}: tensor {name!r} written after the planned ones")
+        want, shape, dtype = self.entries[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{self.path}: got {name!r} {tuple(tensor.shape)} {tensor.dtype}, planned {want!r} "
+                             f"{shape} {dtype}")  # fmt: skip
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+        if self.done:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def close(self) -> None:
+        """Close the file (complete or not)."""
+        if not self._f.closed:
+            self._f.close()
+
+
+def write_safetensors_index(out_dir: str, weight_map: Dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` (``metadata.total_size`` in bytes and the tensor -> file map)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)

@@ -1,8 +1,9 @@
 """The offline preprocessing pipeline: teacher rollouts -> final answers -> majority-vote rewards -> difficulty-aware
 selection -> chat-templated tokens -> the indexed dataset of :mod:`megatron_offgrpo.data`, with a report.
 
-Stages: :mod:`.readers` (input formats, rejects) -> :mod:`megatron_offgrpo.rewards` (labeling) -> :mod:`.selection`
--> :mod:`.tokenize` -> :mod:`.build` (drives the stages, writes through :class:`~megatron_offgrpo.data.writer.
+Stages: :mod:`.readers` (input formats, rejects) and :mod:`.spill` (grouping by problem on disk, bounded memory)
+-> :mod:`megatron_offgrpo.rewards` (labeling) -> :mod:`.selection` -> :mod:`.tokenize` -> :mod:`.build` (drives the
+stages, with :mod:`.workers` in the process pool, and writes through :class:`~megatron_offgrpo.data.writer.
 TrajectoryDatasetWriter`) -> :mod:`.report`. :mod:`.synthetic` and :mod:`.tiny_tokenizer` make the shipped sample.
 
 Attributes are imported lazily (PEP 562) so that worker processes that only need a reader or the tokenizer do

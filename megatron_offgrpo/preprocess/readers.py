@@ -9,12 +9,16 @@ Accepted row shapes (any input format):
 - Optional ``answer`` (ground truth, only used to report the vote's accuracy or with ``label_source=reference``),
   ``problem_id`` / ``id``.
 
-Rows are grouped by exact problem text across rows and files, in order of first appearance. A ``problem_id`` is
+Rows are grouped by exact (stripped) problem text across rows and files, in order of first appearance, whether the
+rows of a problem are contiguous or not: :func:`group_rows` streams the rows once and hands each to a sink (the
+build's on-disk spill, :mod:`.spill`, or :func:`read_groups`'s in-memory lists), keeping only a digest, an id and
+two counters per problem; the parsing itself can run in worker processes (:func:`iter_parsed`). A ``problem_id`` is
 the identity of a problem downstream (student pass rates, the group metadata), so a second problem text under an
 id already taken is rejected (``duplicate_problem_id``, naming where the id was first seen). An input file without
 a single record is an error (:class:`~.records.InputError` naming the file). Input formats:
 ``.jsonl``/``.json`` (JSON lines, read line by line here so that every error names its line), ``.parquet``
-(through HF ``datasets``, streamed) and a directory written by ``datasets.Dataset.save_to_disk``.
+(``pyarrow``, by record batches) and a directory written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow,
+by batches).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from megatron_offgrpo.preprocess.records import InputError, RawGroup, Reject
 
@@ -108,41 +114,81 @@ def parse_row(row: Dict[str, Any]) -> Tuple[str, List[Any], Dict[str, Any]]:
 RowSource = Iterator[Tuple[int, Union[Dict[str, Any], Reject]]]
 
 
+def decode_line(path: str, line_no: int, raw: bytes) -> Union[Dict[str, Any], Reject]:
+    """One JSON line as a row, or the reject saying why it is not one (undecodable, malformed, not an object)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reject("read", "invalid_utf8", path, line_no, None, f"byte {e.start}: {e.reason}")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Reject("read", "malformed_json", path, line_no, None, f"column {e.colno}: {e.msg}")
+    if not isinstance(row, dict):
+        return Reject("read", "not_an_object", path, line_no, None, f"got {type(row).__name__}")
+    return row
+
+
 def iter_jsonl(path: str) -> RowSource:
     """``(line_no, row)`` for each non-blank line; undecodable / malformed lines come back as rejects."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield line_no, decode_line(path, line_no, raw)
+
+
+def iter_jsonl_batches(path: str, max_lines: int = 2048, max_bytes: int = 1 << 22) -> Iterator[List[Tuple[int, bytes]]]:
+    """The non-blank lines of a JSONL file as ``(line_no, raw bytes)``, in batches (for parsing in workers)."""
+    batch: List[Tuple[int, bytes]] = []
+    size = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, Reject("read", "invalid_utf8", path, line_no, None, f"byte {e.start}: {e.reason}")
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, Reject("read", "malformed_json", path, line_no, None, f"column {e.colno}: {e.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield line_no, Reject("read", "not_an_object", path, line_no, None, f"got {type(row).__name__}")
-                continue
-            yield line_no, row
+            batch.append((line_no, raw))
+            size += len(raw)
+            if len(batch) >= max_lines or size >= max_bytes:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
-def iter_hf_rows(path: str) -> RowSource:
-    """Rows of a Parquet file (streamed) or a ``save_to_disk`` directory through HF ``datasets``; 1-based rows."""
+PARQUET_BATCH_ROWS = 1024
+
+
+def iter_parquet(path: str, batch_rows: int = PARQUET_BATCH_ROWS) -> RowSource:
+    """Rows of a Parquet file, read by record batches of ``batch_rows`` rows (``pyarrow``): memory is bounded by
+    one batch whatever the file size; 1-based row numbers."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                i += 1
+                yield i, row
+    except Exception as e:  # noqa: BLE001 - a corrupt container is not a per-row problem: fail naming the file
+        raise InputError(f"{path}: cannot read as Parquet: {e}") from e
+
+
+def iter_hf_rows(path: str, batch_rows: int = PARQUET_BATCH_ROWS) -> RowSource:
+    """Rows of a ``datasets.Dataset.save_to_disk`` directory (memory-mapped Arrow, read by batches); 1-based."""
     import datasets
 
     try:
-        if os.path.isdir(path):
-            ds: Iterable[Dict[str, Any]] = datasets.load_from_disk(path)
-        else:
-            ds = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
-        for i, row in enumerate(ds, start=1):
-            yield i, row
-    except Exception as e:  # noqa: BLE001 - a corrupt container is not a per-row problem: fail naming the file
-        raise InputError(f"{path}: cannot read as Parquet / datasets directory: {e}") from e
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"a DatasetDict with splits {list(ds)}; pass the directory of one split")
+        i = 0
+        for batch in ds.iter(batch_size=batch_rows):
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                i += 1
+                yield i, dict(zip(keys, values))
+    except Exception as e:  # noqa: BLE001 - as for Parquet
+        raise InputError(f"{path}: cannot read as a datasets directory: {e}") from e
 
 
 def iter_rows(path: str) -> RowSource:
@@ -152,9 +198,201 @@ def iter_rows(path: str) -> RowSource:
     lower = path.lower()
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return iter_jsonl(path)
-    if lower.endswith(".parquet") or os.path.isdir(path):
+    if os.path.isdir(path):
         return iter_hf_rows(path)
+    if lower.endswith(".parquet"):
+        return iter_parquet(path)
     raise InputError(f"{path}: unknown input format (expected .jsonl, .json, .parquet or a datasets directory)")
+
+
+class ParsedRow(NamedTuple):
+    """A row that parsed: what the grouping needs, and the row's spill record, already pickled (so that the
+    parsing, which is most of the reading, can run in worker processes while the grouping stays in input order).
+
+    The record is ``(responses, origin, reference, source, domain)``: the row's valid responses, its ``file:line``
+    and its own fields (a group takes the first non-empty one of each); a group's header record is
+    ``(problem, problem_id, prompt)`` (:func:`merge_records`). Workers send it as a plain tuple: a tuple pickles ten
+    times faster than a class instance, and the rows of a whole input cross the pipe.
+    """
+
+    line: int
+    key: bytes  # group_key(problem)
+    problem: str
+    problem_id: Optional[str]  # the row's own id, if any
+    responses: int  # valid responses
+    response_rejects: List[Tuple[str, str, str]]  # (reason, field, detail) of the others, in order
+    record: bytes
+
+
+ParseResult = Union[ParsedRow, Reject]
+
+
+def parse_one(path: str, line_no: int, row: Union[Dict[str, Any], Reject], domain: Optional[str]) -> ParseResult:
+    """Parse and validate one row (``domain`` filter included) into a :class:`ParsedRow`, or its reject."""
+    if isinstance(row, Reject):
+        return row
+    try:
+        problem, responses, extras = parse_row(row)
+    except RowError as e:
+        return Reject("read", e.reason, path, line_no, e.field, e.detail)
+    if domain is not None and extras["domain"] != domain:
+        return Reject("read", "domain_filtered", path, line_no, "domain", f"domain={extras['domain']!r}")
+    fname = "conversations" if "conversations" in row else "responses"
+    valid: List[str] = []
+    rejects: List[Tuple[str, str, str]] = []
+    for j, resp in enumerate(responses):
+        if not isinstance(resp, str):
+            rejects.append(("bad_field", f"{fname}[{j}]", f"response is {type(resp).__name__}, not a string"))
+        elif not resp.strip():
+            rejects.append(("empty_response", f"{fname}[{j}]", "empty response"))
+        else:
+            valid.append(resp)
+    record = pickle.dumps((valid, f"{path}:{line_no}", extras["answer"], extras["source"], extras["domain"]),
+                          protocol=pickle.HIGHEST_PROTOCOL)
+    return ParsedRow(line_no, group_key(problem), problem, extras["problem_id"], len(valid), rejects, record)
+
+
+def parse_lines(task: Tuple[str, Optional[str], List[Tuple[int, bytes]]]) -> List[ParseResult]:
+    """Worker task: ``(path, domain, [(line_no, raw line), ...])`` -> one :func:`parse_one` result per line."""
+    path, domain, lines = task
+    out: List[Any] = []
+    for n, raw in lines:
+        r = parse_one(path, n, decode_line(path, n, raw), domain)
+        out.append(tuple(r) if isinstance(r, ParsedRow) else r)
+    return out
+
+
+def iter_parsed(paths: Iterable[str], domain: Optional[str] = None, pool: Any = None,
+                progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[str, ParseResult]]:
+    """``(path, parsed row or reject)`` for every row of ``paths``, in input order. JSON lines are parsed in
+    batches by ``pool`` (an :class:`~megatron_offgrpo.utils.pool.OrderedProcessPool`) when given; Parquet and
+    datasets rows arrive parsed from Arrow and are validated here. Raises :class:`~.records.InputError` for a
+    missing, unreadable or empty input file."""
+    for path in paths:
+        rows = iter_rows(path)  # checks existence and format first
+        records = 0
+        if path.lower().endswith((".jsonl", ".json", ".ndjson")):
+            tasks = ((path, domain, batch) for batch in iter_jsonl_batches(path))
+            # The caller parses too while the workers are busy or still starting: it would only wait otherwise.
+            parsed = pool.imap(parse_lines, tasks, caller_helps=True) if pool is not None else map(parse_lines, tasks)
+            for results in parsed:
+                if progress is not None:
+                    progress(len(results))
+                for r in results:
+                    records += 1
+                    yield path, (ParsedRow._make(r) if isinstance(r, tuple) else r)
+        else:
+            for line_no, row in rows:
+                records += 1
+                if progress is not None:
+                    progress(1)
+                yield path, parse_one(path, line_no, row, domain)
+        if records == 0:
+            raise InputError(f"{path}: no records (the file is empty); regenerate it or leave it out of --input")
+
+
+def merge_records(records: Iterable[tuple]) -> RawGroup:
+    """The :class:`RawGroup` of one problem from its records in input order: the header, then its rows'."""
+    it = iter(records)
+    problem, problem_id, prompt = next(it)
+    g = RawGroup(problem=problem, problem_id=problem_id, prompt=prompt)
+    for responses, origin, reference, source, domain in it:
+        if g.reference is None:
+            g.reference = reference
+        if g.source is None:
+            g.source = source
+        if g.domain is None:
+            g.domain = domain
+        g.responses.extend(responses)
+        g.origins.extend([origin] * len(responses))
+    return g
+
+
+@dataclass
+class GroupTable:
+    """Per-problem bookkeeping of :func:`group_rows`, in order of first appearance (a few dozen bytes a problem)."""
+
+    problem_ids: List[str] = field(default_factory=list)
+    responses: List[int] = field(default_factory=list)  # valid responses of each problem
+    rows: int = 0  # rows read, including rejected ones
+
+    def __len__(self) -> int:
+        return len(self.problem_ids)
+
+
+def group_key(problem: str) -> bytes:
+    """The identity of a problem in the grouping: a 128-bit digest of its stripped text (a collision needs ~2^64
+    problems), so that the grouping state does not hold the problem texts."""
+    return hashlib.blake2b(problem.strip().encode("utf-8"), digest_size=16).digest()
+
+
+def group_rows(
+    paths: Iterable[str],
+    sink: Callable[[int, bytes], None],
+    domain: Optional[str] = None,
+    strict: bool = False,
+    on_reject: Optional[Callable[[Reject], None]] = None,
+    progress: Optional[Callable[[int], None]] = None,
+    prompt_fn: Optional[Callable[[str], str]] = None,
+    pool: Any = None,
+) -> GroupTable:
+    """Stream every row of ``paths`` once, assign it to its problem, and hand ``sink(group, pickled record)`` the
+    group's header record when the problem first appears, then each row's record; rejects go to ``on_reject``.
+    Only the per-problem :class:`GroupTable` stays in memory.
+
+    Problems are numbered in order of first appearance (across rows and files); the header is ``(problem,
+    problem_id, prompt_fn(problem))``. ``pool`` parses JSON lines in worker processes (:func:`iter_parsed`); the
+    grouping, the ids and the rejects stay here, in input order. The arguments and the rejects are those of
+    :func:`read_groups`, except the final ``no_valid_responses`` rejects, which :func:`reject_empty_groups` emits.
+    """
+    table = GroupTable()
+    index: Dict[bytes, int] = {}
+    id_origin: Dict[str, str] = {}  # problem_id -> "file:line" of the row that introduced it
+
+    def reject(rej: Reject) -> None:
+        if strict and rej.reason != "domain_filtered":
+            raise InputError(f"{rej.location()}: {rej.reason}: {rej.detail}")
+        if on_reject is not None:
+            on_reject(rej)
+
+    for path, r in iter_parsed(paths, domain, pool, progress):
+        table.rows += 1
+        if isinstance(r, Reject):
+            reject(r)
+            continue
+        gid = index.get(r.key)
+        if gid is None:
+            pid = r.problem_id or problem_id_for(r.problem.strip())
+            if pid in id_origin:
+                # Another problem text already has this id: keep the first, reject this one (every row of it).
+                reject(Reject("read", "duplicate_problem_id", path, r.line, "problem_id",
+                              f"duplicate problem_id {pid!r} (first seen at {id_origin[pid]})", pid))
+                continue
+            id_origin[pid] = f"{path}:{r.line}"
+            gid = index[r.key] = len(table.problem_ids)
+            table.problem_ids.append(pid)
+            table.responses.append(0)
+            header = (r.problem, pid, prompt_fn(r.problem) if prompt_fn is not None else None)
+            sink(gid, pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL))
+        pid = table.problem_ids[gid]
+        for reason, field_name, detail in r.response_rejects:
+            reject(Reject("read", reason, path, r.line, field_name, detail, pid))
+        table.responses[gid] += r.responses
+        sink(gid, r.record)
+    return table
+
+
+def reject_empty_groups(table: GroupTable, reject: Optional[Callable[[Reject], None]]) -> List[int]:
+    """The problems that kept at least one response, in order; the others are recorded as rejects (their rows were
+    already rejected one by one; this records that the problem itself is gone)."""
+    kept: List[int] = []
+    for gid, n in enumerate(table.responses):
+        if n:
+            kept.append(gid)
+        elif reject is not None:
+            reject(Reject("read", "no_valid_responses", None, None, None, "every response was rejected",
+                          table.problem_ids[gid]))
+    return kept
 
 
 def read_groups(
@@ -164,7 +402,8 @@ def read_groups(
     on_reject: Optional[Callable[[Reject], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> List[RawGroup]:
-    """Read every row of ``paths`` and group the rollouts by problem text.
+    """Read every row of ``paths`` and group the rollouts by problem text, all in memory (small inputs and tests;
+    the build streams through :mod:`.spill` instead, with the same groups and rejects).
 
     Args:
         paths: input files.
@@ -176,65 +415,7 @@ def read_groups(
 
     Raises :class:`~.records.InputError` for a missing, unreadable or empty (no record at all) input file.
     """
-    groups: Dict[str, RawGroup] = {}
-    id_origin: Dict[str, str] = {}  # problem_id -> "file:line" of the row that introduced it
-
-    def reject(rej: Reject) -> None:
-        if strict and rej.reason != "domain_filtered":
-            raise InputError(f"{rej.location()}: {rej.reason}: {rej.detail}")
-        if on_reject is not None:
-            on_reject(rej)
-
-    for path in paths:
-        records = 0
-        for line_no, row in iter_rows(path):
-            records += 1
-            if progress is not None:
-                progress(1)
-            if isinstance(row, Reject):
-                reject(row)
-                continue
-            try:
-                problem, responses, extras = parse_row(row)
-            except RowError as e:
-                reject(Reject("read", e.reason, path, line_no, e.field, e.detail))
-                continue
-            if domain is not None and extras["domain"] != domain:
-                reject(Reject("read", "domain_filtered", path, line_no, "domain", f"domain={extras['domain']!r}"))
-                continue
-            key = problem.strip()
-            g = groups.get(key)
-            if g is None:
-                pid = extras["problem_id"] or problem_id_for(key)
-                if pid in id_origin:
-                    # Another problem text already has this id: keep the first, reject this one (every row of it).
-                    reject(Reject("read", "duplicate_problem_id", path, line_no, "problem_id",
-                                  f"duplicate problem_id {pid!r} (first seen at {id_origin[pid]})", pid))
-                    continue
-                id_origin[pid] = f"{path}:{line_no}"
-                g = groups[key] = RawGroup(problem=problem, problem_id=pid)
-            for field in ("reference", "source", "domain"):
-                src = "answer" if field == "reference" else field
-                if getattr(g, field) is None and extras[src] is not None:
-                    setattr(g, field, extras[src])
-            for j, resp in enumerate(responses):
-                fname = "conversations" if "conversations" in row else "responses"
-                if not isinstance(resp, str):
-                    reject(Reject("read", "bad_field", path, line_no, f"{fname}[{j}]",
-                                  f"response is {type(resp).__name__}, not a string", g.problem_id))
-                elif not resp.strip():
-                    reject(Reject("read", "empty_response", path, line_no, f"{fname}[{j}]", "empty response",
-                                  g.problem_id))
-                else:
-                    g.responses.append(resp)
-                    g.origins.append(f"{path}:{line_no}")
-        if records == 0:
-            raise InputError(f"{path}: no records (the file is empty); regenerate it or leave it out of --input")
-    out: List[RawGroup] = []
-    for g in groups.values():
-        if not g.responses:
-            # Its rows were already rejected one by one; record that the problem itself is gone.
-            reject(Reject("read", "no_valid_responses", None, None, None, "every response was rejected", g.problem_id))
-            continue
-        out.append(g)
-    return out
+    by_group: Dict[int, List[tuple]] = {}
+    table = group_rows(paths, lambda gid, record: by_group.setdefault(gid, []).append(pickle.loads(record)), domain,
+                       strict, on_reject, progress)
+    return [merge_records(by_group[gid]) for gid in reject_empty_groups(table, on_reject)]

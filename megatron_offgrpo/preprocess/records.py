@@ -39,6 +39,7 @@ class RawGroup:
     """One problem with all its teacher rollouts, as read from the input (before labelling).
 
     ``origins`` holds ``file:line`` for each response, so later per-trajectory rejects still point at the input.
+    ``prompt`` is the rendered chat-template prompt when the reader was given the tokenizer (the build), else None.
     """
 
     problem: str
@@ -48,3 +49,4 @@ class RawGroup:
     reference: Optional[str] = None
     source: Optional[str] = None
     domain: Optional[str] = None
+    prompt: Optional[str] = None

@@ -1,6 +1,6 @@
 """Rewards for offline GRPO: final-answer extraction, math equivalence, majority voting, group statistics.
 
-See DESIGN 2. Typical use::
+See docs/design.md §2. Typical use::
 
     from megatron_offgrpo.rewards import LabelConfig, label_group
     out = label_group(responses, reference=None, config=LabelConfig(min_agreement=0.5))

@@ -1,10 +1,23 @@
-"""Mathematical equivalence of two final answers: a string fast path, then ``math-verify`` under a timeout.
+"""Mathematical equivalence of two final answers: cheap paths first, then ``math-verify`` under a timeout.
+
+Cheap paths, in order, each standing in for math-verify's own verdict on the answers it covers (the tests check
+them against math-verify on the synthetic sample's answers and on a table of literals):
+
+1. identical strings after :func:`~.extraction.normalize_answer_string` are equivalent;
+2. two plain rational literals (integers, decimals of at most 6 places, ``\\frac{p}{q}``, ``p/q``; see
+   :func:`rational_literal`) are equivalent when their exact values are equal and not equivalent when the values are
+   more than :data:`NUMERIC_SEPARATION` apart; math-verify rounds a float to 6 decimals before comparing, so values
+   closer than that (``0.333333`` against ``\\frac{1}{3}``) are left to it;
+3. a pair already decided by this checker gets the same answer again (memo by exact strings: a vote compares each
+   answer with every cluster representative, and most answers repeat);
+4. a successful parse is reused across checkers (a process-wide cache by exact string; failures and timeouts are
+   never cached, so they are retried exactly as before).
 
 ``math-verify`` bounds its own work with ``signal.alarm``, which only works in a process's main thread; called from
-a thread pool it raises, and a framework that swallowed that error scored every answer 0 (DESIGN 2). This module
-owns the timeout instead (``signal.setitimer``, so sub-second budgets work too), refuses to run outside the main
-thread with a clear error, and *counts* every timeout and verifier error. Parallelism therefore means process
-workers (see :mod:`megatron_offgrpo.rewards.labeling`), each running this in its own main thread.
+a thread pool it raises, and a framework that swallowed that error scored every answer 0 (docs/design.md §2).
+This module owns the timeout instead (``signal.setitimer``, so sub-second budgets work too), refuses to run
+outside the main thread with a clear error, and *counts* every timeout and verifier error. Parallelism therefore
+means process workers (see :mod:`megatron_offgrpo.rewards.labeling`), each running this in its own main thread.
 
 Before math-verify sees an answer, the default parser rewrites upright ``e`` (``\\mathrm{e}``, ``\\operatorname{e}``)
 to Euler's number, which math-verify would otherwise read as a text symbol, and it refuses a *partial* read of a set
@@ -16,11 +29,14 @@ is a counted parse error, so only the fast path (sets compared as sorted element
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from fractions import Fraction
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from megatron_offgrpo.rewards.extraction import normalize_answer_string, rewrite_euler_e, set_literal_elements
 
@@ -41,7 +57,7 @@ def time_limit(seconds: Optional[float]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError(
             "answer verification with a timeout must run in a process's main thread (signal-based alarm); "
-            "use process workers (megatron_offgrpo.rewards.labeling.label_groups_parallel), not threads"
+            "use process workers (megatron_offgrpo.rewards.labeling.label_groups), not threads"
         )
 
     def _handler(signum: int, frame: Any) -> None:
@@ -62,6 +78,8 @@ class VerifierCounters:
 
     pairs: int = 0
     fast_path: int = 0
+    numeric_path: int = 0
+    memo_hits: int = 0
     parse_timeouts: int = 0
     parse_errors: int = 0
     verify_timeouts: int = 0
@@ -73,6 +91,63 @@ class VerifierCounters:
 
     def as_dict(self) -> Dict[str, int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# At most 9 integer digits and 6 decimals: every literal is exact in a 15-digit float (math-verify's precision).
+_INT = r"(?:0|[1-9][0-9]{0,8})"
+_RATIONAL_RE = re.compile(
+    rf"(?P<neg>-?)(?:(?P<int>{_INT})(?:\.(?P<dec>[0-9]{{1,6}}))?"
+    rf"|\\frac\{{(?P<fn>-?{_INT})\}}\{{(?P<fd>{_INT})\}}"
+    rf"|(?P<sn>{_INT})/(?P<sd>{_INT}))"
+)
+# Two literals further apart than this are different numbers for math-verify too: rounding each to 6 decimals moves
+# it by at most 5e-7.
+NUMERIC_SEPARATION = Fraction(1, 100_000)
+
+
+def rational_literal(answer: str) -> Optional[Fraction]:
+    """The exact value of an answer that is a plain rational literal, else ``None``.
+
+    Literals, after stripping surrounding whitespace and reading ``\\dfrac`` / ``\\tfrac`` as ``\\frac``: ``-?N``,
+    ``-?N.D`` (at most 6 decimals), ``-?\\frac{-?N}{M}``, ``-?N/M``, with ``N``, ``M`` of at most 9 digits, no leading
+    zeros and ``M > 0``. Anything else (inner spaces, a trailing period, a leading ``+``, exponents, thousands
+    separators, percentages, ``\\frac12``) is not a literal here and goes to math-verify. The raw answer is read,
+    not :func:`~.extraction.normalize_answer_string`'s form: math-verify does not read ``3.`` as ``3``.
+    """
+    m = _RATIONAL_RE.fullmatch(answer.strip().replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    if m is None:
+        return None
+    if m.group("int") is not None:
+        value = Fraction(m.group("int") + "." + (m.group("dec") or "0"))
+    elif m.group("fn") is not None:
+        if int(m.group("fd")) == 0:
+            return None
+        value = Fraction(int(m.group("fn")), int(m.group("fd")))
+    else:
+        if int(m.group("sd")) == 0:
+            return None
+        value = Fraction(int(m.group("sn")), int(m.group("sd")))
+    return -value if m.group("neg") else value
+
+
+def numeric_verdict(gold: str, target: str) -> Optional[bool]:
+    """math-verify's verdict on two rational literals when it is certain (see the module docstring), else ``None``."""
+    a = rational_literal(gold)
+    if a is None:
+        return None
+    b = rational_literal(target)
+    if b is None:
+        return None
+    if a == b:
+        return True
+    if abs(a - b) > NUMERIC_SEPARATION:
+        return False
+    return None
+
+
+# Successful math-verify parses by exact answer string, shared by every checker of this process (bounded LRU).
+_PARSE_CACHE: "OrderedDict[str, List[Any]]" = OrderedDict()
+PARSE_CACHE_SIZE = 8192
 
 
 def _check_whole_set_read(answer: str, parsed: List[Any]) -> None:
@@ -111,8 +186,9 @@ def _default_verify(gold: List[Any], target: List[Any]) -> bool:
 class EquivalenceChecker:
     """Decides whether two extracted answers are the same mathematical object.
 
-    ``equivalent(gold, target)`` is ``math_verify.verify(gold, target)`` on the parsed answers, after a fast path
-    (identical strings after :func:`normalize_answer_string`). A timeout or error in parse or verify makes the pair
+    ``equivalent(gold, target)`` is ``math_verify.verify(gold, target)`` on the parsed answers, after the cheap
+    paths of the module docstring (the numeric path and the process-wide parse cache only while the parser and the
+    verifier are math-verify's, as they stand for its verdict). A timeout or error in parse or verify makes the pair
     *not equivalent* and is counted in :attr:`counters`. Parsed answers are cached per checker. The default parser
     rewrites upright ``e`` and rejects partial reads of set literals (module docstring).
 
@@ -126,10 +202,20 @@ class EquivalenceChecker:
     verify_fn: Callable[[List[Any], List[Any]], bool] = _default_verify
     counters: VerifierCounters = field(default_factory=VerifierCounters)
     _cache: Dict[str, Optional[List[Any]]] = field(default_factory=dict, repr=False)
+    _memo: Dict[Tuple[str, str], bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def _is_math_verify(self) -> bool:
+        return self.parse_fn is _default_parse and self.verify_fn is _default_verify
 
     def parsed(self, answer: str) -> Optional[List[Any]]:
         """The parsed answer (cached), or ``None`` when parsing timed out or failed."""
         if answer in self._cache:
+            return self._cache[answer]
+        shared = self.parse_fn is _default_parse
+        if shared and answer in _PARSE_CACHE:
+            _PARSE_CACHE.move_to_end(answer)
+            self._cache[answer] = _PARSE_CACHE[answer]
             return self._cache[answer]
         result: Optional[List[Any]]
         try:
@@ -149,6 +235,10 @@ class EquivalenceChecker:
         if result is not None and len(result) == 0:
             result = None  # math-verify found nothing to parse: only the string path can match it
         self._cache[answer] = result
+        if shared and result is not None:
+            _PARSE_CACHE[answer] = result
+            if len(_PARSE_CACHE) > PARSE_CACHE_SIZE:
+                _PARSE_CACHE.popitem(last=False)
         return result
 
     def equivalent(self, gold: Optional[str], target: Optional[str]) -> bool:
@@ -156,23 +246,46 @@ class EquivalenceChecker:
         if gold is None or target is None:
             return False
         self.counters.pairs += 1
-        if normalize_answer_string(gold) == normalize_answer_string(target):
+        key = (gold, target)
+        if key in self._memo:
+            self.counters.memo_hits += 1
+            return self._memo[key]
+        ng, nt = normalize_answer_string(gold), normalize_answer_string(target)
+        if ng == nt:
             self.counters.fast_path += 1
             return True
+        if self.timeout_s and threading.current_thread() is not threading.main_thread():
+            # Whatever path decides this pair, a caller on a thread would get a verdict for some pairs and the error
+            # for others: refuse them all alike.
+            with time_limit(self.timeout_s):
+                pass
+        verdict = numeric_verdict(gold, target) if self._is_math_verify else None
+        if verdict is not None:
+            self.counters.numeric_path += 1
+            self._memo[key] = verdict
+            return verdict
+        verdict, final = self._verify(gold, target)
+        if final:  # a timeout or an error is not remembered: the next identical pair tries again, as before
+            self._memo[key] = verdict
+        return verdict
+
+    def _verify(self, gold: str, target: str) -> Tuple[bool, bool]:
+        """``(math-verify's verdict, whether it was reached without a timeout or an error)``."""
+        before = (self.counters.parse_timeouts, self.counters.parse_errors)
         pg, pt = self.parsed(gold), self.parsed(target)
         if pg is None or pt is None:
-            return False
+            return False, before == (self.counters.parse_timeouts, self.counters.parse_errors)
         try:
             with time_limit(self.timeout_s):
-                return self.verify_fn(pg, pt)
+                return self.verify_fn(pg, pt), True
         except VerifierTimeout:
             self.counters.verify_timeouts += 1
-            return False
+            return False, False
         except RuntimeError as e:
             if "main thread" in str(e):
                 raise
             self.counters.verify_errors += 1
-            return False
+            return False, False
         except Exception:  # noqa: BLE001
             self.counters.verify_errors += 1
-            return False
+            return False, False

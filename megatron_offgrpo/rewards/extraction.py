@@ -1,4 +1,4 @@
-"""Final-answer extraction from a teacher solution (DESIGN 2).
+"""Final-answer extraction from a teacher solution (docs/design.md §2).
 
 **Where.** Only the *final solution part* is read: the text after the last closing ``</think>``, or the whole text
 when there is none. Its boxes are the complete top-level ``\\boxed{...}`` (or ``\\fbox{...}``); braces are matched

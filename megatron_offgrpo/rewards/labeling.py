@@ -1,13 +1,14 @@
 """Label one group (extract -> vote -> rewards -> statistics), serially or in process workers.
 
-Process workers, not threads: the verifier's timeout is a signal alarm (see :mod:`.equivalence`). Results come
-back in input order whatever the number of workers, so the written dataset does not depend on ``workers``.
+Process workers, not threads: the verifier's timeout is a signal alarm (see :mod:`.equivalence`). They run in the
+project's one pool (:class:`~megatron_offgrpo.utils.pool.OrderedProcessPool`); results come back in input order
+whatever the number of workers, so the written dataset does not depend on ``workers``.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_offgrpo.rewards.equivalence import EquivalenceChecker, VerifierCounters
@@ -25,7 +26,8 @@ class LabelConfig:
     """How groups are labelled.
 
     Attributes:
-        min_agreement: minimum winning-cluster fraction of K for a voted group to be kept (DESIGN 2: 0.5).
+        min_agreement: minimum winning-cluster fraction of K for a voted group to be kept (0.5, docs/design.md
+            §2).
         timeout_s: per parse / per verify wall-time budget for math-verify.
         label_source: ``vote`` (majority vote; the OpenThoughts3 case) or ``reference`` (reward against the
             ground-truth ``answer`` field; groups without one are rejected).
@@ -84,34 +86,23 @@ def label_group(responses: Sequence[str], reference: Optional[str], config: Labe
     return GroupLabel(answers, rewards, label, stats, reject, reference_match, checker.counters)
 
 
-_WORKER_CONFIG: Optional[LabelConfig] = None
-
-
-def _init_worker(config: LabelConfig) -> None:
-    global _WORKER_CONFIG
-    _WORKER_CONFIG = config
-
-
-def _label_task(item: Tuple[Sequence[str], Optional[str]]) -> GroupLabel:
-    assert _WORKER_CONFIG is not None
-    return label_group(item[0], item[1], _WORKER_CONFIG)
+def _label_chunk(task: Tuple[LabelConfig, List[Tuple[Sequence[str], Optional[str]]]]) -> List[GroupLabel]:
+    config, items = task
+    return [label_group(responses, reference, config) for responses, reference in items]
 
 
 def label_groups(
     items: Iterable[Tuple[Sequence[str], Optional[str]]],
     config: LabelConfig,
     workers: int = 1,
-    chunksize: int = 4,
-    mp_context: str = "spawn",
+    chunksize: int = 64,
 ) -> Iterator[GroupLabel]:
-    """Label ``(responses, reference)`` items in order; ``workers > 1`` uses a process pool.
+    """Label ``(responses, reference)`` items in order; ``workers > 1`` runs chunks of ``chunksize`` groups in
+    process workers (one task per chunk, so that the per-task overhead is paid once per many groups)."""
+    from megatron_offgrpo.utils.pool import OrderedProcessPool
 
-    ``spawn`` keeps workers free of the parent's threads (torch, tokenizers) that ``fork`` would copy.
-    """
-    if workers <= 1:
-        for responses, reference in items:
-            yield label_group(responses, reference, config)
-        return
-    ctx = mp.get_context(mp_context)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
-        yield from pool.imap(_label_task, items, chunksize=chunksize)
+    it = iter(items)
+    chunks = iter(lambda: list(islice(it, max(1, chunksize))), [])
+    with OrderedProcessPool(workers) as pool:
+        for labels in pool.imap(_label_chunk, ((config, chunk) for chunk in chunks)):
+            yield from labels

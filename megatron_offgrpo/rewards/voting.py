@@ -1,4 +1,4 @@
-"""Majority voting over a group's final answers (DESIGN 2).
+"""Majority voting over a group's final answers (docs/design.md §2).
 
 Answers are clustered greedily in order: each answer joins the first existing cluster whose representative (its
 first member) it is equivalent to, else it opens a new cluster. The largest cluster's representative is the

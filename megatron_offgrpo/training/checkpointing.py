@@ -11,7 +11,7 @@ A save writes ``iter_N.tmp`` and renames it only once every rank has finished, t
 killed mid-save leaves the previous checkpoint as ``latest`` and a ``.tmp`` directory that is never loaded (and is
 removed by the next save). Resuming refuses a checkpoint whose run identity (model, loss, data, batch geometry)
 differs from the config, naming the fields, since resuming a mismatched run silently is a bug peer frameworks
-shipped (DESIGN 7).
+shipped (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -354,3 +354,57 @@ def load_checkpoint(
     elif _rank() == 0:
         print(f"note: {path} was saved with {state.get('world_size')} ranks, now {world}: RNG states not restored")
     return state
+
+
+class Checkpointer:
+    """The trainer's checkpoint component: one run per directory, resume, periodic / final / signal saves.
+
+    Call every method on every rank (they are collective). ``checkpoint.dir`` unset makes it inert: nothing is
+    locked, resumed or saved.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        from megatron_offgrpo.utils.distributed import any_rank
+
+        self.cfg = cfg
+        self.dir = cfg.checkpoint.dir
+        self.last: Optional[str] = None  # the newest checkpoint this run wrote
+        self._lock = None
+        error = None
+        if self.dir and _rank() == 0:
+            try:
+                self._lock = lock_checkpoint_dir(self.dir)
+            except CheckpointDirInUseError as e:
+                error = e
+        if any_rank(error is not None):  # every rank stops, not only rank 0
+            raise error or CheckpointDirInUseError(f"{self.dir} is in use (see rank 0)")
+
+    def resume(self, objs) -> Dict[str, Any]:
+        """Load the latest checkpoint into ``objs`` if resuming is on and there is one; its train state, or the
+        state of a fresh run (``{"step": 0, "consumed_samples": 0}``)."""
+        ck = self.cfg.checkpoint
+        path = latest_checkpoint(self.dir) if self.dir and ck.resume else None
+        if path is None:
+            return {"step": 0, "consumed_samples": 0}
+        state = load_checkpoint(path, objs.model, objs.optimizer, objs.scheduler, self.cfg)
+        if _rank() == 0:
+            print(f"resumed from {path}: step {state['step']}, {state['consumed_samples']} samples consumed",
+                  flush=True)
+        return state
+
+    def save(self, step: int, objs, consumed_samples: int) -> Optional[str]:
+        """Save ``step`` (collective); returns its path, or None without a checkpoint dir."""
+        if not self.dir:
+            return None
+        self.last = save_checkpoint(self.dir, step, objs.model, objs.optimizer, objs.scheduler, consumed_samples,
+                                    self.cfg)
+        return self.last
+
+    def has(self, step: int) -> bool:
+        """Whether this run already saved ``step``."""
+        return self.last is not None and self.last.endswith(f"iter_{step:07d}")
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -32,7 +32,10 @@ stage has all of it):
   Megatron's unfused ``local`` attention it drops the ``b x heads x s^2`` score and probability tensors. The
   backward working set of a layer (the gradients of its widest tensors, plus the recomputed layer) is added when it
   exceeds the loss buffers' peak: the two are never alive together.
-* **loss buffers** (last stage): the logits ``[tokens, padded_vocab / tp]`` in the params dtype, the transposed
+* **loss buffers** (last stage), with ``loss.fused_output_layer`` (the default): one logits tile
+  ``[token chunk, vocabulary block]`` with its fp32 temporaries, the fp32 ``[tokens, hidden]`` gradient
+  accumulator of the hidden states and the output weight's gradient; the ``[tokens, vocab]`` logits never exist.
+  Unfused: the logits ``[tokens, padded_vocab / tp]`` in the params dtype, the transposed
   copy GPTModel makes when it returns logits (``labels=None``; none for a single row, i.e. packing or
   ``micro_batch_size = 1``), their gradient, the contiguous copy of that gradient Megatron's linear makes for the
   weight gradient, the output layer's weight-gradient temporary (``gradient_accumulation_fusion`` is off), and the
@@ -302,6 +305,22 @@ def _loss_buffer_bytes(arch, cfg: TrainConfig, lay: Dict[str, Any], tokens: int,
     v_pad = arch.padded_vocab_size(tp, cfg.model.make_vocab_size_divisible_by)
     v_local = v_pad // tp
     v_real_local = min(v_local, arch.vocab_size)  # rank 0's shard: all of it real
+    wgrad = v_local * arch.hidden_size * dtype  # the output layer's weight gradient before it joins main_grad
+    vectors = tokens * 24 * 4  # per-token fp32 vectors of the loss (log-probs, logsumexp, masks, KL, ...)
+    from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled, tile_shape
+
+    if fused_output_layer_enabled(cfg.loss.fused_output_layer):
+        # The logits exist one [token chunk x vocabulary block] tile at a time (losses/fused_output.py).
+        tile_tokens, tile_rows = tile_shape(tokens, v_real_local, cfg.loss.logprob_chunk_size)
+        tile = tile_tokens * tile_rows
+        fwd = tile * (dtype + 4 * (1 if dtype == 4 else 2))  # the tile, its fp32 copy, logsumexp's temporary
+        block_acc = tile_rows * arch.hidden_size * 4 if dtype != 4 and tile_tokens < tokens else 0
+        bwd = (wgrad + tokens * arch.hidden_size * 4 + block_acc  # weight grad, fp32 hidden-grad accumulator
+               + tile * (dtype + (4 + 4 + dtype if dtype != 4 else 0)))  # recomputed tile (+ fp32 copy, dx)
+        detail = (f"fused output layer: tiles [{tile_tokens} x {tile_rows}] ({tile * 4 / GIB:.2f} GiB fp32), "
+                  f"fp32 hidden-grad accumulator {tokens * arch.hidden_size * 4 / GIB:.2f} GiB, wgrad "
+                  f"{wgrad / GIB:.2f} GiB; no [tokens x vocab] logits")
+        return int(max(fwd, bwd) + vectors), detail
     logits = tokens * v_local * dtype
     if cfg.loss.logprob_chunk_size:
         chunk_tokens = cfg.loss.logprob_chunk_size
@@ -311,8 +330,6 @@ def _loss_buffer_bytes(arch, cfg: TrainConfig, lay: Dict[str, Any], tokens: int,
         chunk_tokens = default_chunk_size(v_local)
     chunk = min(tokens, chunk_tokens) * v_real_local * 4
     fwd_chunks = chunk * (1 if dtype == 4 else 2)  # fp32 copy of a chunk (not for fp32 logits) + exp temporary
-    wgrad = v_local * arch.hidden_size * dtype  # the output layer's weight gradient before it joins main_grad
-    vectors = tokens * 24 * 4  # per-token fp32 vectors of the loss (log-probs, logsumexp, masks, KL, ...)
     if rows > 1:  # GPTModel's transpose(0, 1).contiguous() copies, and the weight gradient wants it back
         phases = [2 * logits, logits + fwd_chunks, 2 * logits + chunk, 2 * logits + wgrad]
         how = "2 x logits (+ transposed copy / gradient)"

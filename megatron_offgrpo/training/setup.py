@@ -28,16 +28,9 @@ def initialize_distributed(cfg: TrainConfig) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_offgrpo.utils.cpu_backend import initialize_cpu_model_parallel
-    from megatron_offgrpo.utils.distributed import distributed_env_from_launcher
+    from megatron_offgrpo.utils.distributed import bootstrap_env
 
-    distributed_env_from_launcher()  # srun: one task per rank, its rank from SLURM_PROCID
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        from megatron_offgrpo.utils.distributed import find_free_port
-
-        os.environ["MASTER_PORT"] = str(find_free_port())
+    bootstrap_env()  # torchrun, srun (one task per rank, its rank from SLURM_PROCID), or a world of one
     par = cfg.parallel
     sizes = dict(
         tensor_model_parallel_size=par.tp,
@@ -64,6 +57,19 @@ def build_architecture(cfg: TrainConfig):
     if m.architecture == "tiny":
         return tiny_architecture(m.tiny_vocab_size, m.tiny_num_layers, m.tiny_hidden_size)
     return model_config_from_hf(m.architecture)
+
+
+def moe_aux_loss_coeff(cfg: TrainConfig, arch) -> float:
+    """Weight of the router's load-balancing loss: ``model.moe_aux_loss_coeff``, else the HF config's own
+    ``router_aux_loss_coef`` (0 when it has none); always 0 for a dense model (validation refuses a coefficient
+    set for one)."""
+    if not arch.is_moe:
+        return 0.0
+    if cfg.model.moe_aux_loss_coeff is not None:
+        return float(cfg.model.moe_aux_loss_coeff)
+    from megatron_offgrpo.models import load_hf_config
+
+    return float(load_hf_config(cfg.model.architecture).get("router_aux_loss_coef") or 0.0)
 
 
 @dataclass
@@ -105,7 +111,8 @@ def build_training_objects(cfg: TrainConfig) -> TrainingObjects:
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
     tconfig = build_transformer_config(
         arch, tp=par.tp, pp=par.pp, ep=par.ep, cp=par.cp, params_dtype=dtype,
-        sequence_parallel=par.sequence_parallel, fp8=m.fp8, fp8_recipe=m.fp8_recipe, **overrides,
+        sequence_parallel=par.sequence_parallel, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+        moe_aux_loss_coeff=moe_aux_loss_coeff(cfg, arch), **overrides,
     )
     vocab = checkpoint_padded_vocab_size(m.load) if m.load else arch.padded_vocab_size(par.tp, m.make_vocab_size_divisible_by)
     if m.load and checkpoint_vocab_size(m.load) != arch.vocab_size:
@@ -184,7 +191,7 @@ def job_start_time() -> float:
     """When the job started, in unix seconds: the allocation's start under SLURM, else this process's start.
 
     The SLURM time limit counts from the allocation, not from after our (possibly long) setup; measuring from
-    the latter is a bug peer frameworks shipped (DESIGN 7). In order: ``OFFGRPO_JOB_START_TIME`` (exported by
+    the latter is a bug peer frameworks shipped (docs/design.md §7). In order: ``OFFGRPO_JOB_START_TIME`` (exported by
     ``launch/slurm/train.sbatch``), ``SLURM_JOB_START_TIME`` (SLURM >= 23.02), the ``StartTime`` of
     ``scontrol show job $SLURM_JOB_ID`` (older SLURM), the process's creation time.
     """

@@ -5,6 +5,8 @@ microbatch's loss by ``cp`` and divides it by ``num_microbatches``; DDP then sca
 ``1 / (dp * cp)``. Our microbatch losses already carry the *global* denominators (DESIGN 3), so that the plain
 sum of all microbatch losses over all DP / CP ranks is the step's loss; multiplying each by
 ``dp * num_microbatches`` makes Megatron's scalings cancel and the gradient is exactly that of the global loss.
+An MoE router's load-balancing loss is attached and scaled by Megatron itself, outside this factor: it enters as
+``coeff x`` its mean over the global batch's microbatches (see :func:`moe_aux_loss_metric`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from megatron_offgrpo.data.format import PER_TOKEN_ARRAYS
 from megatron_offgrpo.utils.distributed import all_reduce_cpu
 from megatron_offgrpo.losses import (
     group_advantages,
+    get_loss,
     group_statistics,
     policy_loss,
     split_for_context_parallel,
     split_packed_for_context_parallel,
-    vocab_parallel_logprobs,
 )
+from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled, logprobs_from_model_output
 
 # Order of the per-step metric sums (one float64 vector, reduced once per step).
 METRIC_SUMS = (
@@ -70,9 +73,10 @@ class StepBatch:
     """What one optimizer step consumes on this rank, and the global denominators."""
 
     microbatches: List[Microbatch]
-    num_sequences: float  # N_seq of the global batch (positive ones for sft)
-    num_tokens: float  # response tokens of the global batch (of positive sequences for sft)
-    stats: Dict[str, float]
+    num_sequences: Optional[float]  # N_seq of the global batch (positive ones for sft); None until reduced
+    num_tokens: Optional[float]  # response tokens of the global batch (of positive sequences for sft)
+    stats: Dict[str, float]  # BATCH_STATS of the global batch (of this rank only until reduced)
+    loss_kind: str = ""
     # Filled by the trainer when the step's loss is non-finite: the sequences (on any rank) that caused it.
     nonfinite_sequences: List[str] = field(default_factory=list)
 
@@ -89,18 +93,45 @@ def sequence_name(sample: Dict[str, Any]) -> str:
 
 
 def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tensor, rewards: torch.Tensor,
-                       pad_token_id: int, cp_size: int, cp_rank: int) -> Microbatch:
+                       pad_token_id: int, cp_size: int, cp_rank: int, pack_length: Optional[int] = None) -> Microbatch:
     """One packed (THD) microbatch on this CP rank; see :class:`Microbatch` for the layout.
 
     Each sequence is aligned to ``2*cp`` inside the pack and split on its own (Megatron / TE's THD CP layout), so
-    sequence ``i`` holds the local rows ``cu[i] // cp : cu[i+1] // cp`` on every CP rank.
+    sequence ``i`` holds the local rows ``cu[i] // cp : cu[i+1] // cp`` on every CP rank. With ``pack_length``
+    (pipeline parallelism: stages exchange activations of one fixed shape) the pack is filled up to exactly that
+    many tokens by one more sequence of padding, which attends only to itself: the real sequences' attention is
+    that of the unfilled pack, and the filler is in no sequence's loss. A pack longer than ``pack_length`` is an
+    error naming the fix.
     """
     from megatron_offgrpo.data import collate_pack
 
     batch = collate_pack(samples, pad_token_id=pad_token_id, pad_to_multiple_of=2 * cp_size if cp_size > 1 else 1)
-    cu = batch["cu_seqlens"]
+    cu, cu_real = batch["cu_seqlens"], batch["cu_seqlens_unpadded"]
+    total = int(cu[-1])
+    if pack_length is not None and total > pack_length:
+        names = [sequence_name(s) for s in samples]
+        raise ValueError(
+            f"the packed microbatch of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} needs {total} tokens "
+            f"> data.seq_length={pack_length}, the fixed length of every pack with data.packing and "
+            f"parallel.pp>1: raise data.seq_length to at least {total} or lower "
+            f"data.micro_batch_size={len(samples)}"
+        )
+    if pack_length is not None and total < pack_length:
+        # Both ends are multiples of 2*cp (validation: seq_length % 2cp == 0), so the filler splits over CP too.
+        filler = pack_length - total
+        for key, value in list(batch.items()):
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == total:
+                if key == "position_ids":
+                    tail = torch.arange(filler, dtype=value.dtype)[None]
+                else:
+                    tail = torch.full((1, filler), pad_token_id if key in ("tokens", "labels") else 0,
+                                      dtype=value.dtype)
+                batch[key] = torch.cat([value, tail], dim=1)
+        cu = torch.cat([cu, cu.new_tensor([pack_length])])
+        cu_real = torch.cat([cu_real, cu_real.new_tensor([pack_length])])  # all of it "real": no empty softmax
+        batch["max_seqlen"] = torch.tensor(max(int(batch["max_seqlen"]), filler), dtype=torch.int32)
     split = partial(split_packed_for_context_parallel, cu_seqlens_padded=cu, cp_size=cp_size, cp_rank=cp_rank)
-    local_bounds = (cu // cp_size).tolist()
+    local_bounds = (cu // cp_size).tolist()[:len(samples) + 1]  # the samples' rows (not the filler's)
     lengths = [b - a for a, b in zip(local_bounds[:-1], local_bounds[1:])]
     n_max = max(lengths)
     index = torch.zeros(len(samples), n_max, dtype=torch.int64)
@@ -124,17 +155,19 @@ def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tens
         sequence_token_counts=batch["num_response_tokens"].to(torch.float32),
         arrays={k: unpack(batch[k]) for k in PER_TOKEN_ARRAYS if k in batch},
         names=[sequence_name(s) for s in samples],
-        packed_seq={"cu_seqlens": batch["cu_seqlens_unpadded"], "cu_seqlens_padded": cu,
+        packed_seq={"cu_seqlens": cu_real, "cu_seqlens_padded": cu,
                     "max_seqlen": int(batch["max_seqlen"])},
         unpack_index=index,
     )
 
 
-def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_size: int, cp_rank: int) -> StepBatch:
+def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_size: int, cp_rank: int,
+                     reduce: bool = True) -> StepBatch:
     """Collate this DP rank's whole groups into microbatches and compute advantages and global denominators.
 
     Advantages are computed over the rank's local batch: the sampler gives each DP rank whole groups, so the
-    group statistics are exact locally. Denominators come from one all-reduce of the batch metadata over DP.
+    group statistics are exact locally. Denominators come from one all-reduce of the batch metadata over DP
+    (:func:`reduce_step_batch`; with ``reduce=False`` the caller runs it, e.g. after a DataLoader worker collated).
     """
     from megatron_offgrpo.data import collate_pad
 
@@ -152,8 +185,9 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
             f"data.seq_length"
         )
 
-    # Pipeline stages exchange activations of a fixed shape, so PP pads every microbatch to data.seq_length;
-    # without PP a microbatch is padded only to its longest sequence (a multiple of 2*cp for the CP split).
+    # Pipeline stages exchange activations of a fixed shape, so PP pads every microbatch to data.seq_length
+    # positions (a pack: data.seq_length tokens in all); without PP a microbatch is padded only to its longest
+    # sequence (a multiple of 2*cp for the CP split) and a pack holds just its sequences.
     fixed_length = d.seq_length if cfg.parallel.pp > 1 else None
     multiple = 1 if fixed_length else (2 * cp_size if cp_size > 1 else 8)
     microbatches: List[Microbatch] = []
@@ -161,7 +195,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
         rows = slice(start, start + d.micro_batch_size)
         if d.packing:
             microbatches.append(_packed_microbatch(samples[rows], advantages[rows], rewards[rows], d.pad_token_id,
-                                                   cp_size, cp_rank))
+                                                   cp_size, cp_rank, pack_length=fixed_length))
             continue
         batch = collate_pad(samples[rows], pad_token_id=d.pad_token_id, max_len=fixed_length,
                             pad_to_multiple_of=multiple)
@@ -204,14 +238,25 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
         ],
         dtype=torch.float64,
     )
+    step = StepBatch(microbatches, None, None, dict(zip(BATCH_STATS, local.tolist())), loss.kind)
+    return reduce_step_batch(step) if reduce else step
+
+
+def reduce_step_batch(step: StepBatch) -> StepBatch:
+    """Sum the batch statistics over DP and set the global denominators (collective over the DP group).
+
+    Split from :func:`build_step_batch` so that collation can run in a DataLoader worker, ahead of the step,
+    while the collective stays on the training thread.
+    """
+    local = torch.tensor([step.stats[k] for k in BATCH_STATS], dtype=torch.float64)
     if dist.is_initialized():
         all_reduce_cpu(local, group=_dp_group())
-    stats = dict(zip(BATCH_STATS, local.tolist()))
-    if loss.kind == "sft":
-        num_sequences, num_tokens = stats["positive_sequences"], stats["positive_response_tokens"]
+    step.stats = dict(zip(BATCH_STATS, local.tolist()))
+    if get_loss(step.loss_kind).trains_on == "positive":
+        step.num_sequences, step.num_tokens = step.stats["positive_sequences"], step.stats["positive_response_tokens"]
     else:
-        num_sequences, num_tokens = stats["sequences"], stats["response_tokens"]
-    return StepBatch(microbatches, num_sequences, num_tokens, stats)
+        step.num_sequences, step.num_tokens = step.stats["sequences"], step.stats["response_tokens"]
+    return step
 
 
 def microbatch_loss(
@@ -221,6 +266,7 @@ def microbatch_loss(
     step: StepBatch,
     loss_scale: float,
     vocab_size: int,
+    output_weight: Optional[torch.Tensor] = None,
 ):
     """Loss of one microbatch from its (vocab-parallel) logits; returns ``(scaled loss, metric sums)``.
 
@@ -229,30 +275,24 @@ def microbatch_loss(
     loss_cfg = cfg.loss
     labels = mb.labels.to(logits.device)
     mask = mb.loss_mask.to(logits.device)
-    logp = vocab_parallel_logprobs(logits, labels, chunk_size=loss_cfg.logprob_chunk_size, vocab_size=vocab_size)
+    # With output_weight (loss.fused_output_layer), `logits` are the final hidden states: see make_forward_step.
+    logp = logprobs_from_model_output(logits, labels, output_weight, chunk_size=loss_cfg.logprob_chunk_size,
+                                      vocab_size=vocab_size, sequence_parallel=cfg.parallel.sequence_parallel)
     if mb.unpack_index is not None:
         # Packed THD row [1, t] -> one row per sequence [B, n_max] (padding slots are masked by loss_mask).
         logp = logp[0][mb.unpack_index.to(logp.device)]
-    use_reference = loss_cfg.kl_coef > 0 and loss_cfg.reference == "precomputed" and loss_cfg.kind != "opd"
+    spec = get_loss(loss_cfg.kind)
+    use_reference = spec.kl and loss_cfg.kl_coef > 0 and loss_cfg.reference == "precomputed"
     ref = mb.arrays["ref_logp"] if use_reference else None
-    old = None
-    advantages = mb.advantages
-    if loss_cfg.kind == "grpo":
-        old = mb.arrays["old_logp"]
-    elif loss_cfg.kind == "opd":
-        # One optimizer step per batch: the policy at the start of the step is the one computing `logp`, so its
-        # detached value *is* old_t (DESIGN 3), recomputed here rather than stored or re-run.
-        old = logp.detach()
-        advantages = mb.arrays["teacher_logp"].to(logp.device) - old
-    elif loss_cfg.kind == "sft":
-        advantages = mb.rewards
+    advantages, old = spec.inputs(logp, mb.arrays, mb.advantages)
     loss, metrics = policy_loss(
         logp,
         mask,
-        advantages.to(logp.device),
+        advantages,
         kind=loss_cfg.kind,
+        rewards=mb.rewards.to(logp.device),
         ref_logprobs=None if ref is None else ref.to(logp.device),
-        old_logprobs=None if old is None else old.to(logp.device),
+        old_logprobs=old,
         clip_eps=loss_cfg.clip_eps,
         kl_coef=loss_cfg.kl_coef,
         agg=loss_cfg.agg,
@@ -291,25 +331,38 @@ def microbatch_loss(
 
 
 def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, vocab_size: int):
-    """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``; ``vocab_size`` is the real one."""
+    """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``; ``vocab_size`` is the real one.
+
+    With ``loss.fused_output_layer`` on, the model returns its final hidden states and the loss applies the output
+    weight itself (:mod:`megatron_offgrpo.losses.fused_output`): the ``[tokens, V/tp]`` logits never exist.
+    """
+    import contextlib
+
+    from megatron_offgrpo.models.provider import output_hidden_states
+
+    fused = fused_output_layer_enabled(cfg.loss.fused_output_layer)
 
     def forward_step(data_iterator: Iterator[Microbatch], model):
         mb = next(data_iterator)
         device = next(model.parameters()).device
-        if mb.packed_seq is None:
-            output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
-        else:
-            from megatron.core.packed_seq_params import PackedSeqParams
+        # output_weight: the weight the loss applies (last pipeline stage, fused only), else None.
+        with output_hidden_states(model) if fused else contextlib.nullcontext() as output_weight:
+            if mb.packed_seq is None:
+                output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+            else:
+                from megatron.core.packed_seq_params import PackedSeqParams
 
-            # Global (pre-CP-split) boundaries, as Transformer Engine and our torch attention expect them; RoPE
-            # restarts per sequence from cu_seqlens_q_padded.
-            cu = mb.packed_seq["cu_seqlens"].to(device)
-            cu_padded = mb.packed_seq["cu_seqlens_padded"].to(device)
-            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                                     cu_seqlens_kv_padded=cu_padded, max_seqlen_q=mb.packed_seq["max_seqlen"],
-                                     max_seqlen_kv=mb.packed_seq["max_seqlen"])
-            output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
-        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, vocab_size=vocab_size)
+                # Global (pre-CP-split) boundaries, as Transformer Engine and our torch attention expect them; RoPE
+                # restarts per sequence from cu_seqlens_q_padded.
+                cu = mb.packed_seq["cu_seqlens"].to(device)
+                cu_padded = mb.packed_seq["cu_seqlens_padded"].to(device)
+                params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                         cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+                                         max_seqlen_q=mb.packed_seq["max_seqlen"],
+                                         max_seqlen_kv=mb.packed_seq["max_seqlen"])
+                output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
+        return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, vocab_size=vocab_size,
+                               output_weight=output_weight)
 
     return forward_step
 
@@ -326,3 +379,41 @@ def reduce_step_metrics(outputs: List[Dict[str, torch.Tensor]], contributes: boo
             total += out["sums"]
     all_reduce_cpu(total)
     return dict(zip(METRIC_SUMS, total.tolist()))
+
+
+# Megatron's tracker name of the router's per-microbatch load-balancing loss (moe_router_load_balancing_type
+# "aux_loss"), recorded per layer without its coefficient.
+_MOE_AUX_LOSS_TRACKER = "load_balancing_loss"
+
+
+def moe_aux_loss_metric(config, num_microbatches: int) -> Optional[float]:
+    """The step's router load-balancing loss, per MoE layer and microbatch, without its coefficient; consumes
+    Megatron's aux-loss tracker. ``None`` (the metric is absent, never 0) for a dense model or a zero coefficient.
+
+    Call on every rank after a training forward-backward (collective over the world); ``config`` is the model's
+    ``TransformerConfig`` and ``num_microbatches`` this rank's count. Each rank's tracker holds, for the layers of
+    its pipeline stage, the sum over its microbatches of its TP/CP part of each microbatch's loss (the parts add
+    up to the loss of the whole microbatch), so the world's sum over layers, divided by
+    ``layers x dp x num_microbatches``, is the mean over layers and over the global batch's microbatches.
+
+    Scale of the gradient (why the policy loss's ``dp x num_microbatches`` factor must not touch this term): the
+    loss is attached by ``MoEAuxLossAutoScaler``, whose gradient Megatron's schedule sets to
+    ``cp / num_microbatches`` per microbatch, and DDP divides by ``dp x cp``: the step minimizes
+    ``loss + coeff x layers x moe_aux_loss`` with the logged ``loss`` and ``moe_aux_loss``.
+    """
+    coeff = getattr(config, "moe_aux_loss_coeff", 0.0) if getattr(config, "num_moe_experts", None) else 0.0
+    if not coeff:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracked = get_moe_layer_wise_logging_tracker().get(_MOE_AUX_LOSS_TRACKER)
+    # One sum over the world rather than Megatron's reduce_aux_losses_tracker_across_ranks (per-group reductions,
+    # same result): that one needs the tracker entry on every rank, or a rank that has none skips collectives.
+    local = torch.zeros(1, dtype=torch.float64)
+    if tracked is not None:
+        local += tracked["values"].detach().double().sum().cpu()
+    total = all_reduce_cpu(local)
+    clear_aux_losses_tracker()
+    dp = ps.get_data_parallel_world_size() if dist.is_initialized() else 1
+    return float(total.item()) / (config.num_layers * dp * num_microbatches)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -70,6 +70,28 @@ def distributed_env_from_launcher() -> None:
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def bootstrap_env() -> None:
+    """The one launcher bootstrap: make the ``env://`` variables describe this process, however it was started.
+
+    torchrun set them already; under srun they are derived from SLURM (:func:`distributed_env_from_launcher`);
+    a plain ``python`` run becomes rank 0 of a world of one on a free loopback port.
+    """
+    distributed_env_from_launcher()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(find_free_port())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (so that all ranks take the same branch); collective."""
+    import torch.distributed as dist
+
+    t = all_reduce_cpu(torch.tensor([1.0 if flag else 0.0]), op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def find_free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -114,8 +136,14 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
     ``fn`` must be importable (module level) and its arguments/results picklable. A failure on any rank raises
-    ``RuntimeError`` carrying that rank's traceback.
+    ``RuntimeError`` carrying that rank's traceback. After :func:`use_rank_pools`, the processes of a
+    :class:`RankPool` of that size run it (started once, reused); otherwise fresh ones are spawned.
     """
+    if _POOLS is not None:
+        pool = _POOLS.get(world_size)
+        if pool is None or not pool.alive:
+            pool = _POOLS[world_size] = RankPool(world_size)
+        return pool.run(fn, *args, timeout_s=timeout_s)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = find_free_port()
@@ -152,3 +180,123 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# ------------------------------------------------------------------------------------------------ rank pools
+_POOLS: Optional[Dict[int, "RankPool"]] = None
+
+
+def use_rank_pools(enabled: bool = True) -> None:
+    """Make :func:`run_on_ranks` reuse long-lived worlds (one :class:`RankPool` per world size) instead of
+    spawning processes per call; ``False`` closes them. The test suite turns this on for the session: every
+    spawned rank pays for importing torch and Megatron, seconds each on a small machine."""
+    global _POOLS
+    if enabled and _POOLS is None:
+        import atexit
+
+        _POOLS = {}
+        atexit.register(use_rank_pools, False)
+    elif not enabled and _POOLS is not None:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS = None
+
+
+def _pool_worker(rank: int, world_size: int, tasks: Any, results: Any) -> None:
+    """A pooled rank: run tasks until ``None``, each in a clean environment and process group of its own."""
+    import signal
+
+    import torch.distributed as dist
+
+    base_env = dict(os.environ, OMP_NUM_THREADS="1")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        port, fn, args = task
+        os.environ.clear()
+        os.environ.update(base_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        try:
+            result = fn(rank, world_size, *args)
+            buffer = io.BytesIO()
+            torch.save(result, buffer)
+            results.put((rank, "ok", buffer.getvalue()))
+        except BaseException:
+            results.put((rank, "error", traceback.format_exc()))
+        finally:
+            # What one task set up must not leak into the next: process groups, signal handlers, environment.
+            if dist.is_initialized():
+                try:
+                    from megatron.core import parallel_state
+
+                    parallel_state.destroy_model_parallel()
+                except Exception:
+                    pass
+                dist.destroy_process_group()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+class RankPool:
+    """``world_size`` spawned rank processes kept alive to run one function after another (tests, benchmarks).
+
+    Each :meth:`run` is a fresh world: a new ``MASTER_PORT``, the environment reset, the process groups and
+    signal handlers of the previous task torn down. A failed or timed-out task kills the pool (the other ranks
+    may be stuck in a collective); :func:`run_on_ranks` then starts a new one.
+    """
+
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self._results = ctx.SimpleQueue()
+        self._tasks = [ctx.SimpleQueue() for _ in range(world_size)]
+        # Not daemons: a rank may start processes of its own (DataLoader workers). use_rank_pools closes the
+        # pools at exit, before multiprocessing would wait for them.
+        self._procs = [ctx.Process(target=_pool_worker, args=(r, world_size, self._tasks[r], self._results))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self.alive = True
+
+    def run(self, fn: Callable, *args: Any, timeout_s: float = 600) -> List[Any]:
+        """``fn(rank, world_size, *args)`` on every rank; the results by rank (as :func:`run_on_ranks`)."""
+        port = find_free_port()
+        for q in self._tasks:
+            q.put((port, fn, args))
+        results: dict = {}
+        errors: List[str] = []
+        deadline = time.monotonic() + timeout_s
+        while len(results) < self.world_size and not errors:
+            if time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout_s} s waiting for ranks")
+            elif not self._results.empty():
+                rank, status, payload = self._results.get()
+                if status == "ok":
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                else:
+                    errors.append(f"rank {rank} failed:\n{payload}")
+            elif not all(p.is_alive() for p in self._procs):
+                errors.append("a rank exited without reporting (crashed or was killed)")
+            else:
+                time.sleep(0.02)
+        if errors:
+            self.close(kill=True)
+            raise RuntimeError("\n".join(errors))
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the ranks (at once with ``kill``; else after their current task)."""
+        if not self.alive:
+            return
+        self.alive = False
+        for q, p in zip(self._tasks, self._procs):
+            if not kill and p.is_alive():
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if kill else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()

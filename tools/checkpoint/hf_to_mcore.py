@@ -8,6 +8,11 @@ The checkpoint loads under any TP/PP/EP (dist_checkpointing reshards); --tp fixe
 validated against the model's head / layer / expert counts. offgrpo_model.json records both the real
 vocabulary (vocab_size, the HF embedding rows) and the padded one.
 
+The conversion streams: tensors are read, mapped and written one at a time, so the memory needed is about
+the largest tensor (the embedding), not the model (benchmarks/convert.py measures it). --workers N splits the
+layers over N processes. The output appears under --out only once complete (it is written to <out>.tmp<pid>
+and renamed); a killed run leaves just that temporary directory, which the next run removes.
+
 Exit code 2 with one "error: ..." line naming the file for a bad input: no config.json in --hf-dir, a missing
 or truncated safetensors shard, an unsupported architecture, a tensor of the wrong shape, a non-empty --out.
 """
@@ -25,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the HF config's dtype)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--workers", type=int, default=1, help="processes writing the layers (default 1)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -33,6 +39,7 @@ def main(argv=None) -> int:
     meta = convert_hf_to_mcore(
         args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=not args.no_progress,
+        workers=args.workers,
     )  # fmt: skip
     arch = meta["architecture"]
     print(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build an offline-GRPO trajectory dataset (DESIGN 5) from teacher rollouts.
+r"""Build an offline-GRPO trajectory dataset (docs/design.md §5) from teacher rollouts.
 
 Example (the shipped sample)::
 
@@ -23,33 +23,15 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from megatron_offgrpo.preprocess.build import BuildConfig, build_dataset
+from megatron_offgrpo.preprocess.build import add_build_arguments, build_dataset, config_from_args
 from megatron_offgrpo.data.format import DatasetFormatError
 from megatron_offgrpo.preprocess.records import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL / Parquet files or datasets directories")
-    p.add_argument("--tokenizer", required=True, help="local HF tokenizer path (with a chat template)")
-    p.add_argument("--output-prefix", required=True, help="dataset prefix P (writes P.bin, P.idx, P.json, ...)")
-    p.add_argument("--max-seq-len", type=int, default=16384)
-    p.add_argument("--overlong", choices=("reject", "truncate"), default="reject")
-    p.add_argument("--domain", default=None, help="keep only rows of this domain (e.g. math)")
-    p.add_argument("--min-agreement", type=float, default=0.5, help="min winning-cluster fraction of K")
-    p.add_argument("--label-source", choices=("vote", "reference"), default="vote")
-    p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per math-verify parse/verify")
-    p.add_argument("--num-groups", type=int, default=None)
-    p.add_argument("--strategy", choices=("uniform", "difficulty"), default="uniform")
-    p.add_argument("--student-pass-rates", default=None, help="JSONL {problem_id|problem, pass_rate}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-rollouts", type=int, default=2, help="drop groups with fewer trajectories left")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad input row instead of rejecting it")
-    p.add_argument("--rejects", default=None, help="rejects JSONL (default: P.rejects.jsonl)")
-    p.add_argument("--teacher", default=None, help="model that wrote the rollouts (recorded in the manifest)")
+    add_build_arguments(p)  # one flag per BuildConfig field (names, defaults, help written once, there)
     p.add_argument("--stats-plot", default=None, help="write the group-type pie + length histogram PNG here")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
@@ -57,13 +39,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     # Recovery of a killed build and the removal of its temporaries are logged as warnings: show them plainly.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    cfg = BuildConfig(
-        inputs=a.input, tokenizer=a.tokenizer, output_prefix=a.output_prefix, max_seq_len=a.max_seq_len,
-        overlong=a.overlong, domain=a.domain, min_agreement=a.min_agreement, label_source=a.label_source,
-        verify_timeout_s=a.verify_timeout, num_groups=a.num_groups, strategy=a.strategy,
-        student_pass_rates=a.student_pass_rates, seed=a.seed, min_rollouts=a.min_rollouts, workers=a.workers,
-        strict=a.strict, rejects_path=a.rejects, teacher=a.teacher, progress=not a.no_progress,
-    )
+    cfg = config_from_args(a)
     try:
         res = build_dataset(cfg)
     except (InputError, DatasetFormatError) as e:

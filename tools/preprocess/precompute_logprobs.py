@@ -1,4 +1,4 @@
-"""Precompute per-token log-probs of a dataset with a model and attach them as ``P.<array>`` (DESIGN 5).
+"""Precompute per-token log-probs of a dataset with a model and attach them as ``P.<array>`` (docs/design.md §5).
 
     python tools/preprocess/precompute_logprobs.py CONFIG.yaml --prefix P --array ref_logp --producer NAME [a.b=c ...]
 
@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_offgrpo.data.format import PER_TOKEN_ARRAYS
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--prefix", required=True, help="dataset prefix P (P.bin / P.idx / P.json)")
-    parser.add_argument("--array", required=True, choices=["ref_logp", "teacher_logp", "old_logp"])
+    parser.add_argument("--array", required=True, choices=PER_TOKEN_ARRAYS)
     parser.add_argument("--producer", required=True, help="name recorded in the manifest (model / checkpoint)")
     args = parser.parse_intermixed_args(argv)  # overrides and flags in any order
 
