@@ -68,10 +68,9 @@ def write_checkpoint_metadata(ckpt_dir: str, arch: ModelArchitecture, padded_voc
         "vocab_size": arch.vocab_size,
         "padded_vocab_size": padded_vocab_size,
     }
-    tmp = os.path.join(ckpt_dir, CHECKPOINT_META_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(ckpt_dir, CHECKPOINT_META_NAME))
+    from megatron_offgrpo.data.atomic import atomic_write_json
+
+    atomic_write_json(os.path.join(ckpt_dir, CHECKPOINT_META_NAME), meta)
 
 
 def read_checkpoint_metadata(ckpt_dir: str) -> Optional[Dict[str, Any]]:
