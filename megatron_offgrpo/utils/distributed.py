@@ -99,39 +99,6 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        # One intra-op thread per rank: ranks share the cores, oversubscription only slows everyone down.
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    try:
-        result = fn(rank, world_size, *args)
-        # Ship the result as bytes: tensors sent as-is travel through shared memory that vanishes when this
-        # process exits, before the parent has read them.
-        buffer = io.BytesIO()
-        torch.save(result, buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # report any failure (assertions included) to the parent with its traceback
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            try:
-                from megatron.core import parallel_state
-
-                parallel_state.destroy_model_parallel()
-            except Exception:
-                pass
-            dist.destroy_process_group()
-
-
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
@@ -144,42 +111,11 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 6
         if pool is None or not pool.alive:
             pool = _POOLS[world_size] = RankPool(world_size)
         return pool.run(fn, *args, timeout_s=timeout_s)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = find_free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    errors: List[str] = []
-    deadline = time.monotonic() + timeout_s
-    while len(results) + len(errors) < world_size:
-        if time.monotonic() > deadline:
-            errors.append(f"timed out after {timeout_s} s waiting for ranks")
-            break
-        if queue.empty():
-            if not any(p.is_alive() for p in procs) and queue.empty():
-                errors.append("a rank exited without reporting (crashed or was killed)")
-                break
-            time.sleep(0.05)
-            continue
-        rank, status, payload = queue.get()
-        if status == "ok":
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-        else:
-            errors.append(f"rank {rank} failed:\n{payload}")
-            break  # the other ranks are likely blocked in a collective; don't wait for them
-    for p in procs:
-        p.join(timeout=5 if errors else 60)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    pool = RankPool(world_size)  # one task, then the processes exit
+    try:
+        return pool.run(fn, *args, timeout_s=timeout_s)
+    finally:
+        pool.close()
 
 
 # ------------------------------------------------------------------------------------------------ rank pools
