@@ -142,13 +142,13 @@ def measure(variant: str, args) -> Dict[str, float]:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
-    # FLOPs: 6 per parameter per token, except the input embedding (a lookup, no matmul) when untied.
+    from megatron_offgrpo.training.flops import train_flops_per_token  # the trainer's own estimate
+
     n_params = sum(p.numel() for p in model.parameters())
-    if not arch.tie_word_embeddings:
-        n_params -= model.embedding.word_embeddings.weight.numel()
+    padded_vocab = model.embedding.word_embeddings.weight.shape[0]
     return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times),
-            "peak_extra_gib": (peak - base) / 2**30, "params": n_params,
-            "attn_flops_per_token": 6 * arch.num_layers * arch.num_attention_heads * arch.head_dim * args.seq}
+            "peak_extra_gib": (peak - base) / 2**30,
+            "flops_per_token": train_flops_per_token(n_params, arch, padded_vocab, args.seq)}
 
 
 def main(argv: List[str] = None) -> None:
@@ -190,7 +190,7 @@ def main(argv: List[str] = None) -> None:
     # a core, which the CPU time does not; a ratio of CPU times is the steadier estimate there.
     print(f"{'variant':>18} {'time s':>9} {'cpu s':>9} {'peak extra GiB':>15} {'TFLOP/s':>9} {'MFU':>6}")
     for v, r in results.items():
-        tflops = (6 * r["params"] + r["attn_flops_per_token"]) * tokens / r["seconds"] / 1e12
+        tflops = r["flops_per_token"] * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / args.peak_tflops:.1%}" if args.device == "cuda" else "-"
         print(f"{v:>18} {r['seconds']:>9.4f} {r['cpu_seconds']:>9.4f} {r['peak_extra_gib']:>15.3f} {tflops:>9.2f} "
               f"{mfu:>6}")
