@@ -15,7 +15,6 @@ back in input order whatever the number of workers.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
@@ -122,10 +121,10 @@ def _iter_grades(items: Sequence[GradeItem], workers: int, timeout_s: Optional[f
         for item in items:
             yield grade_problem(item, timeout_s)
         return
-    # spawn: workers free of the parent's threads (torch, tokenizers) that fork would copy.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(timeout_s,)) as pool:
-        yield from pool.imap(_grade_task, items, chunksize=1)
+    from megatron_offgrpo.utils.pool import OrderedProcessPool  # the project's one pool (spawned workers)
+
+    with OrderedProcessPool(workers, initializer=_init_worker, initargs=(timeout_s,)) as pool:
+        yield from pool.imap(_grade_task, items)
 
 
 def grade_problems(
