@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import torch
 
-from train_helpers import TINY_YAML, add_synthetic_reference, read_jsonl
+from train_helpers import STEP_METRICS, TINY_YAML, add_synthetic_reference, assert_same_step, read_jsonl
 from train_helpers import train_overrides as _overrides
 from train_helpers import train_worker as _train_worker
 
@@ -185,14 +185,5 @@ def run_moe_layouts(dataset: str, model: Dict[str, str], tmp: str, layouts: Dict
     for name, r in results.items():
         h = r["history"][0]
         assert read_jsonl(os.path.join(tmp, name, "logs", "metrics.jsonl"))[1]["moe_aux_loss"] == h["moe_aux_loss"]
-        for key in ("loss", "kl", "clip_frac", "logprob_pos", "logprob_neg", "grad_norm", "moe_aux_loss"):
-            assert (key in h) == (key in base), (name, key)
-            if key in base:
-                assert abs(h[key] - base[key]) <= 1e-5 * max(1.0, abs(base[key])), (name, key, h[key], base[key])
-        w = weights[r["checkpoint"]]
-        assert w.keys() == base_w.keys()
-        for k in base_w:
-            diff = (w[k] - base_w[k]).abs()
-            assert torch.allclose(w[k], base_w[k], rtol=1e-5, atol=1e-6), (name, k, diff.max().item(),
-                                                                             int((diff > 1e-6).sum()), diff.numel())
+        assert_same_step(name, h, base, weights[r["checkpoint"]], base_w, (*STEP_METRICS, "moe_aux_loss"))
     return {name: r["history"][0] for name, r in results.items()}

@@ -18,7 +18,7 @@ import torch
 from megatron_offgrpo.config import load_config
 from megatron_offgrpo.utils.distributed import run_on_ranks
 
-from train_helpers import TINY_YAML
+from train_helpers import TINY_YAML, assert_same_step
 from train_helpers import sample_with_reference
 from train_helpers import build_sample as _build_sample
 from train_helpers import latest_name as _latest
@@ -90,16 +90,7 @@ def run_layouts_and_compare(dataset, init_checkpoint, tmp, layouts, baseline, **
     assert base["loss"] != 0 and base["kl"] > 0
     for name, r in results.items():
         h = r["history"][0]
-        for key in ("loss", "kl", "clip_frac", "logprob_pos", "logprob_neg", "grad_norm"):
-            assert (key in h) == (key in base), (name, key)  # a mean over nothing is absent in every layout
-            if key in base:
-                assert abs(h[key] - base[key]) <= 1e-5 * max(1.0, abs(base[key])), (name, key, h[key], base[key])
-        w = weights[r["checkpoint"]]
-        assert w.keys() == base_w.keys()
-        for k in base_w:
-            diff = (w[k] - base_w[k]).abs()
-            assert torch.allclose(w[k], base_w[k], rtol=1e-5, atol=1e-6), (name, k, diff.max().item(),
-                                                                             int((diff > 1e-6).sum()), diff.numel())
+        assert_same_step(name, h, base, weights[r["checkpoint"]], base_w)
     return base_w
 
 

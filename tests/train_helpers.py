@@ -133,3 +133,22 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+STEP_METRICS = ("loss", "kl", "clip_frac", "logprob_pos", "logprob_neg", "grad_norm")
+
+
+def assert_same_step(name: str, h: Dict, base: Dict, w: Dict, base_w: Dict, keys=STEP_METRICS) -> None:
+    """One layout's first-step metrics ``h`` and updated weights ``w`` equal the baseline's, to fp32 noise; a mean
+    over nothing is absent in every layout alike."""
+    import torch
+
+    for key in keys:
+        assert (key in h) == (key in base), (name, key)
+        if key in base:
+            assert abs(h[key] - base[key]) <= 1e-5 * max(1.0, abs(base[key])), (name, key, h[key], base[key])
+    assert w.keys() == base_w.keys()
+    for k in base_w:
+        diff = (w[k] - base_w[k]).abs()
+        assert torch.allclose(w[k], base_w[k], rtol=1e-5, atol=1e-6), (name, k, diff.max().item(),
+                                                                         int((diff > 1e-6).sum()), diff.numel())

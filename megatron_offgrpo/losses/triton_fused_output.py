@@ -24,22 +24,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .triton_logprobs import is_available  # one availability check for every Triton kernel of the loss core
+
 __all__ = ["is_available", "tile_stats", "tile_grad_"]
 
 # Both kernels are memory bound (one read of the tile; the backward also writes it). Same setting as
 # triton_logprobs, whose kernels stream the same rows at ~3 TB/s on an H100.
 STATS_BLOCK_V, STATS_WARPS = 4096, 8
 GRAD_BLOCK_V, GRAD_WARPS = 4096, 8
-
-
-@functools.lru_cache(maxsize=None)
-def is_available() -> bool:
-    """True when Triton imports and a CUDA device is present."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # not installed, or installed but broken on this machine: use the torch path
-        return False
-    return torch.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=None)
