@@ -5,8 +5,11 @@ Same model, same batch, forward + backward (the optimizer step is identical for 
     sft-ce:              GPTModel(tokens, labels=labels) -> Megatron's fused vocab-parallel cross entropy, masked mean
     offline-grpo:        GPTModel(tokens) -> logits -> vocab_parallel_logprobs -> policy_loss("offline_grpo", KL)
     offline-grpo-fused:  GPTModel(tokens) -> final hidden states (models.provider.output_hidden_states) ->
-                         fused_vocab_parallel_logprobs(hidden, output weight) -> the same policy_loss: the logits
-                         never exist (loss.fused_output_layer, the trainer's default)
+                         fused_output_loss(hidden, output weight, the same policy_loss): the logits never exist
+                         and the loss's gradients are taken in the forward pass (three output-layer GEMMs, as in
+                         sft-ce); the trainer's default (loss.fused_output_layer, loss.fused_output_gradients)
+    offline-grpo-fused-recompute: fused_vocab_parallel_logprobs(hidden, output weight) -> policy_loss: the backward
+                         recomputes the logits (four output-layer GEMMs; loss.fused_output_gradients=recompute)
 
 Printed as ratios to sft-ce measured in the same invocation (targets for the offline GRPO step, issue 12: CPU
 <= 1.1x time and <= 1.0x peak memory; GPU at 16k tokens <= 1.0x time and <= 0.6x peak memory). ``--rounds``
@@ -34,7 +37,7 @@ from typing import Dict, List
 
 import torch
 
-VARIANTS = ("sft-ce", "offline-grpo", "offline-grpo-fused")
+VARIANTS = ("sft-ce", "offline-grpo", "offline-grpo-fused", "offline-grpo-fused-recompute")
 # Issue 12's targets for the offline GRPO step / sft-ce: (time, peak memory) per device.
 TARGETS = {"cpu": (1.1, 1.0), "cuda": (1.0, 0.6)}
 
@@ -93,18 +96,28 @@ def _batch(args, arch, device):
 
 
 def _step(variant: str, model, batch, vocab_size: int) -> None:
-    from megatron_offgrpo.losses import fused_vocab_parallel_logprobs, policy_loss, vocab_parallel_logprobs
+    from megatron_offgrpo.losses import (
+        fused_output_loss,
+        fused_vocab_parallel_logprobs,
+        policy_loss,
+        vocab_parallel_logprobs,
+    )
     from megatron_offgrpo.models.provider import output_hidden_states
 
     tokens, labels, mask, ref, adv, pos = batch
     if variant == "sft-ce":
         per_token = model(tokens, pos, None, labels=labels)  # Megatron's vocab-parallel cross entropy
         loss = (per_token.float() * mask).sum() / mask.sum()
-    elif variant == "offline-grpo-fused":
+    elif variant.startswith("offline-grpo-fused"):
         with output_hidden_states(model) as weight:
             hidden = model(tokens, pos, None)  # [b, s, H]: no output layer GEMM here
-        logp = fused_vocab_parallel_logprobs(hidden, weight, labels, vocab_size=vocab_size)
-        loss, _ = policy_loss(logp, mask, adv, kind="offline_grpo", ref_logprobs=ref)
+        if variant == "offline-grpo-fused":
+            loss, _ = fused_output_loss(
+                hidden, weight, labels, lambda lp: policy_loss(lp, mask, adv, kind="offline_grpo", ref_logprobs=ref)[0],
+                vocab_size=vocab_size)
+        else:
+            logp = fused_vocab_parallel_logprobs(hidden, weight, labels, vocab_size=vocab_size)
+            loss, _ = policy_loss(logp, mask, adv, kind="offline_grpo", ref_logprobs=ref)
     else:
         logits = model(tokens, pos, None)
         logp = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size)  # padding outside the softmax
@@ -188,11 +201,11 @@ def main(argv: List[str] = None) -> None:
           f", median of {args.rounds} round(s) x {args.reps} reps")
     # CPU seconds (this process's, all threads): on a machine shared with other jobs, wall time includes waiting for
     # a core, which the CPU time does not; a ratio of CPU times is the steadier estimate there.
-    print(f"{'variant':>18} {'time s':>9} {'cpu s':>9} {'peak extra GiB':>15} {'TFLOP/s':>9} {'MFU':>6}")
+    print(f"{'variant':>28} {'time s':>9} {'cpu s':>9} {'peak extra GiB':>15} {'TFLOP/s':>9} {'MFU':>6}")
     for v, r in results.items():
         tflops = r["flops_per_token"] * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / args.peak_tflops:.1%}" if args.device == "cuda" else "-"
-        print(f"{v:>18} {r['seconds']:>9.4f} {r['cpu_seconds']:>9.4f} {r['peak_extra_gib']:>15.3f} {tflops:>9.2f} "
+        print(f"{v:>28} {r['seconds']:>9.4f} {r['cpu_seconds']:>9.4f} {r['peak_extra_gib']:>15.3f} {tflops:>9.2f} "
               f"{mfu:>6}")
     time_target, memory_target = TARGETS[args.device]
     b = results["sft-ce"]

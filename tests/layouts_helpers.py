@@ -7,7 +7,7 @@ every run loads; ``transformers`` running it in float64 is the independent oracl
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -48,10 +48,11 @@ def build_tiny_moe_hf(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
-def build_moe_dataset(prefix: str) -> str:
-    """Two groups of 4 rollouts of 32 tokens (prompts of 8 and 12), rewards mixed in each group, plus a synthetic
-    ``ref_logp``. No microbatch has padding, with or without pipeline parallelism (data.seq_length=32): padding
-    positions would enter the router's load-balancing statistics (the forward passes no padding mask).
+def build_moe_dataset(prefix: str, lengths: Sequence[int] = (32, 32, 32, 32)) -> str:
+    """Two groups of 4 rollouts (prompts of 8 and 12 tokens, rollout ``i`` of ``lengths[i]`` tokens), rewards
+    mixed in each group, plus a synthetic ``ref_logp``. Token ids lie in [0, 256): 257 (the tiny config's
+    ``pad_token_id``) marks padding. With the default lengths no microbatch has padding, with or without pipeline
+    parallelism (data.seq_length=32).
     """
     import numpy as np
 
@@ -60,10 +61,10 @@ def build_moe_dataset(prefix: str) -> str:
 
     rng = np.random.default_rng(1)
     with TrajectoryDatasetWriter(prefix, vocab_size=TINY_MOE["vocab_size"]) as writer:
-        for g, (length, prompt_len) in enumerate([(32, 8), (32, 12)]):
+        for g, prompt_len in enumerate([8, 12]):
             prompt = rng.integers(0, 256, size=prompt_len)
-            rollouts = [SequenceRecord(np.concatenate([prompt, rng.integers(0, 256, size=length - prompt_len)]),
-                                       prompt_len, float(i % 2 == 0), i) for i in range(4)]
+            rollouts = [SequenceRecord(np.concatenate([prompt, rng.integers(0, 256, size=n - prompt_len)]),
+                                       prompt_len, float(i % 2 == 0), i) for i, n in enumerate(lengths)]
             writer.add_group({"problem_id": f"p{g}"}, rollouts)
         writer.commit()
     return add_synthetic_reference(prefix)
@@ -94,13 +95,14 @@ def router_grad_worker(rank: int, world: int, overrides: List[str]) -> Dict:
     return {"metrics": metrics, "grads": grads, "step": step}
 
 
-def reference_router_grads(hf_dir: str, step, cfg_loss: Dict, coeff: float):
+def reference_router_grads(hf_dir: str, step, cfg_loss: Dict, coeff: float, pad_token_id: int = 257):
     """Float64 ``transformers`` reference of one step's loss and router gradients, per layer.
 
     The objective, spelled out from its parts: the policy loss with the global denominators (docs/design.md §3, summed
     over microbatches) plus ``coeff`` times the mean over microbatches of the sum over layers of the Switch
     load-balancing loss ``E / (k T^2) * sum_i count_i * sum_x softmax(router logits_x)_i`` of the microbatch's
-    ``T`` tokens (``count_i``: tokens whose top-k includes expert ``i``). Returns ``(policy loss, mean
+    ``T`` tokens (``count_i``: tokens whose top-k includes expert ``i``); padding positions (token id
+    ``pad_token_id``, which the data never uses) are not tokens of the microbatch. Returns ``(policy loss, mean
     load-balancing loss per layer and microbatch, {layer: grad of the full objective}, {layer: grad of the
     policy loss alone})``.
     """
@@ -122,8 +124,9 @@ def reference_router_grads(hf_dir: str, step, cfg_loss: Dict, coeff: float):
             logp, mb.loss_mask, mb.advantages, cfg_loss["kind"], ref=mb.arrays.get("ref_logp"),
             clip_eps=cfg_loss["clip_eps"], kl_coef=cfg_loss["kl_coef"], agg=cfg_loss["agg"],
             num_sequences=step.num_sequences, num_tokens=step.num_tokens)
+        real = (mb.tokens != pad_token_id).reshape(-1)  # right padding: the real tokens' logits are unaffected
         for logits in out.router_logits:  # [T, E] per layer
-            probs = torch.softmax(logits.double(), dim=-1)
+            probs = torch.softmax(logits.double()[real], dim=-1)
             counts = torch.zeros(num_experts, dtype=torch.float64).index_add_(
                 0, probs.topk(k, dim=-1).indices.reshape(-1), torch.ones(probs.shape[0] * k, dtype=torch.float64))
             t = probs.shape[0]

@@ -20,8 +20,15 @@ import torch
 import torch.distributed as dist
 
 import megatron_offgrpo.losses.fused_output as fused_module
-from loss_reference import ref_logprobs
-from megatron_offgrpo.losses import fused_vocab_parallel_logprobs, vocab_parallel_logprobs
+from loss_reference import ref_logprobs, ref_policy_loss
+from megatron_offgrpo.losses import (
+    fused_output_loss,
+    fused_vocab_parallel_logprobs,
+    get_loss,
+    loss_names,
+    policy_loss,
+    vocab_parallel_logprobs,
+)
 from megatron_offgrpo.utils.distributed import run_on_ranks
 
 B, S, H = 2, 8, 12  # S divisible by every TP size (sequence parallelism shards it)
@@ -201,6 +208,152 @@ def test_bad_input_is_refused_with_the_fix():
     assert fused_module.fused_output_layer_enabled("True") and not fused_module.fused_output_layer_enabled(False)
 
 
+# ---- the training path: a registered loss with its gradients taken in the forward pass ---------------------
+
+# One configuration per registered loss, each with another aggregation (and the KL / shaping where they apply).
+LOSS_CASES = {
+    "offline_grpo": dict(agg="seq-mean-token-mean", kl_coef=0.1, shaping_gamma=0.1),
+    "grpo": dict(agg="token-mean", kl_coef=0.05, shaping_gamma=None),
+    "sft": dict(agg="seq-mean-token-sum", kl_coef=0.0, shaping_gamma=None),
+    "opd": dict(agg="seq-mean-token-sum-norm", kl_coef=0.0, shaping_gamma=None),
+}
+
+
+def _loss_inputs(seed: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, S, generator=g) > 0.25).float()
+    mask[:, 0] = 1.0
+    return dict(
+        mask=mask,
+        adv=torch.tensor([0.7, -1.3]),
+        rewards=torch.tensor([1.0, 0.0]),
+        ref=-torch.rand(B, S, generator=g) * 4,
+        old=-torch.rand(B, S, generator=g) * 4,
+        teacher=-torch.rand(B, S, generator=g) * 4,
+    )
+
+
+def _registered_loss(kind: str, data, dtype=torch.float32):
+    """``logp -> loss`` of a registered loss as the trainer builds it (the spec's inputs, then policy_loss)."""
+    spec, case = get_loss(kind), LOSS_CASES[kind]
+    arrays = {"old_logp": data["old"], "teacher_logp": data["teacher"]}
+
+    def loss_fn(logp):
+        advantages, old = spec.inputs(logp, arrays, data["adv"])
+        loss, _ = policy_loss(logp, data["mask"], advantages, kind=kind, rewards=data["rewards"],
+                              ref_logprobs=data["ref"] if spec.kl and case["kl_coef"] else None, old_logprobs=old,
+                              clip_eps=0.2, kl_coef=case["kl_coef"], agg=case["agg"], max_response_len=S,
+                              shaping_gamma=case["shaping_gamma"])
+        return loss
+
+    return loss_fn
+
+
+def _loss_reference(kind: str, hidden, weight, targets, data, real=REAL_V):
+    """float64 dense logits -> float64 log-probs -> tests/loss_reference.py's naive loss, and autograd's
+    gradients w.r.t. the hidden states and the weight."""
+    case = LOSS_CASES[kind]
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    logp = ref_logprobs(h @ w[:real].t(), targets)
+    adv, old = data["adv"], None
+    if kind == "sft":
+        adv = data["rewards"]
+    elif kind == "grpo":
+        old = data["old"]
+    elif kind == "opd":  # pi_old is the current policy; the advantage is teacher - pi_old, per token
+        old = logp.detach()
+        adv = data["teacher"].double() - old
+    loss = ref_policy_loss(logp, data["mask"], adv, kind, ref=data["ref"] if case["kl_coef"] else None, old=old,
+                           clip_eps=0.2, kl_coef=case["kl_coef"], agg=case["agg"], max_response_len=S,
+                           shaping_gamma=case["shaping_gamma"])
+    loss.backward()
+    return loss.detach(), logp.detach(), h.grad, w.grad
+
+
+def test_loss_cases_cover_every_registered_loss():
+    assert set(LOSS_CASES) == set(loss_names())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5, 1], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("kind", sorted(LOSS_CASES))
+def test_loss_with_gradients_in_forward_equals_float64_reference(kind, chunk_size):
+    """fused_output_loss (the trainer's default): the loss value, the log-probs and both gradients of every
+    registered loss against the float64 dense reference, in one tile, in 5-token tiles and token by token."""
+    hidden, weight, targets, *_ = _inputs()
+    data = _loss_inputs()
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss, logp = fused_output_loss(h, w, targets, _registered_loss(kind, data), chunk_size=chunk_size,
+                                   vocab_size=REAL_V)
+    (3.0 * loss).backward()  # the incoming gradient scales the stored ones
+    ref_loss, ref_lp, ref_gh, ref_gw = _loss_reference(kind, hidden, weight, targets, data)
+    assert loss.dim() == 0 and not logp.requires_grad and logp.shape == targets.shape
+    assert_close(loss, ref_loss, what=f"{kind} loss")
+    assert_close(logp, ref_lp, what=f"{kind} logp")
+    assert_close(h.grad, 3.0 * ref_gh, what=f"{kind} grad hidden")
+    assert_close(w.grad[:REAL_V], 3.0 * ref_gw[:REAL_V], what=f"{kind} grad weight")
+    assert torch.equal(w.grad[REAL_V:], torch.zeros_like(w.grad[REAL_V:]))
+    assert h.grad.abs().max() > 1e-3 and w.grad.abs().max() > 1e-3  # the case is able to fail
+
+
+def test_loss_with_gradients_in_forward_bf16():
+    """bf16 hidden states and weight: an fp32 loss and log-probs, gradients in bf16 (fp32 accumulation of the
+    weight gradient over token chunks), against the reference on the bf16-rounded inputs."""
+    hidden, weight, targets, *_ = _inputs()
+    data = _loss_inputs()
+    h = hidden.bfloat16().requires_grad_(True)
+    w = weight.bfloat16().requires_grad_(True)
+    loss, logp = fused_output_loss(h, w, targets, _registered_loss("offline_grpo", data), chunk_size=3,
+                                   vocab_size=REAL_V)
+    loss.backward()
+    assert loss.dtype == torch.float32 and logp.dtype == torch.float32
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    ref_loss, ref_lp, ref_gh, ref_gw = _loss_reference("offline_grpo", h.detach(), w.detach(), targets, data)
+    assert_close(loss, ref_loss, rtol=2e-2, what="bf16 loss")
+    assert_close(logp, ref_lp, rtol=2e-2, what="bf16 logp")
+    assert_close(h.grad, ref_gh, rtol=3e-2, what="bf16 grad hidden")
+    assert_close(w.grad[:REAL_V], ref_gw[:REAL_V], rtol=3e-2, what="bf16 grad weight")
+
+
+def test_loss_with_gradients_in_forward_tied_embeddings():
+    """The weight as embedding and output layer: its gradient sums the embedding lookup's (ordinary autograd)
+    and the output layer's (made in forward)."""
+    hidden, weight, targets, *_ = _inputs()
+    data = _loss_inputs()
+    tokens = torch.randint(0, REAL_V, (B, S), generator=torch.Generator().manual_seed(9))
+    mix = torch.randn(H, H, generator=torch.Generator().manual_seed(10)) / H**0.5
+    emb = weight.clone().requires_grad_(True)
+    h = torch.tanh(emb[tokens] @ mix)
+    loss, _ = fused_output_loss(h, emb, targets, _registered_loss("offline_grpo", data), chunk_size=4,
+                                vocab_size=REAL_V)
+    loss.backward()
+    emb64 = weight.double().requires_grad_(True)
+    h64 = torch.tanh(emb64[tokens] @ mix.double())
+    logp64 = ref_logprobs(h64 @ emb64[:REAL_V].t(), targets)
+    case = LOSS_CASES["offline_grpo"]
+    ref_policy_loss(logp64, data["mask"], data["adv"], "offline_grpo", ref=data["ref"], clip_eps=0.2,
+                    kl_coef=case["kl_coef"], shaping_gamma=case["shaping_gamma"]).backward()
+    assert_close(emb.grad, emb64.grad, what="tied grad")
+
+
+def test_a_loss_mixing_tokens_would_be_caught():
+    """The separability the forward-gradient path relies on is what the reference tests check: a loss whose
+    per-token gradient depends on other tokens (a sequence-level ratio) gives wrong gradients there, so the
+    registered losses' agreement above is a real check."""
+    hidden, weight, targets, *_ = _inputs()
+
+    def sequence_level(logp):  # GSPO-like: exp of the sequence-mean log-prob
+        return -torch.exp(logp.mean(dim=-1)).sum()
+
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = fused_output_loss(h, weight, targets, sequence_level, chunk_size=3, vocab_size=REAL_V)
+    loss.backward()
+    h64 = hidden.double().requires_grad_(True)
+    sequence_level(ref_logprobs(h64 @ weight.double()[:REAL_V].t(), targets)).backward()
+    assert (h.grad.double() - h64.grad).abs().max() > 1e-3
+
+
 # ---- real tensor parallelism over gloo -----------------------------------------------------------------------
 
 
@@ -233,6 +386,12 @@ def _tp_worker(rank, world):
                                                           return_entropy=True)
                 ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
                 out[(name, sp, str(dtype))] = (logp.detach(), ent.detach(), h.grad, w.grad)
+                # The training path: offline GRPO with its gradients taken in forward, 5-token tiles.
+                w, h = w.detach().requires_grad_(True), h.detach().requires_grad_(True)
+                loss, logp = fused_output_loss(h, w, targets, _registered_loss("offline_grpo", _loss_inputs()),
+                                               tp_group=group, chunk_size=5, vocab_size=REAL_V, sequence_parallel=sp)
+                loss.backward()
+                out[("loss", name, sp, str(dtype))] = (loss.detach(), logp, h.grad, w.grad)
     return out
 
 
@@ -267,6 +426,29 @@ def test_tensor_parallel_equals_float64_reference(tp_results, layout, sp):
         assert torch.equal(tp_results[3][(layout, sp, str(torch.float32))][3], torch.zeros(V // 4, H))
 
 
+@pytest.mark.parametrize("sp", [False, True], ids=["replicated", "sequence-parallel"])
+@pytest.mark.parametrize("layout", ["tp4", "tp2"])
+def test_tensor_parallel_loss_with_gradients_in_forward(tp_results, layout, sp):
+    """fused_output_loss under TP (statistics all-reduced per token chunk) and SP: every rank's loss and log-probs,
+    its slice of the hidden states' gradient and its rows of the weight's, against the float64 reference."""
+    hidden, weight, targets, *_ = _inputs()
+    ref_loss, ref_lp, ref_gh, ref_gw = _loss_reference("offline_grpo", hidden, weight, targets, _loss_inputs())
+    tp = 4 if layout == "tp4" else 2
+    for ranks in ([[0, 1, 2, 3]] if tp == 4 else [[0, 1], [2, 3]]):
+        grads_w = []
+        for tp_rank, r in enumerate(ranks):
+            loss, logp, grad_h, grad_w = tp_results[r][("loss", layout, sp, str(torch.float32))]
+            assert_close(loss, ref_loss, what=f"{layout} rank {r} loss")
+            assert_close(logp, ref_lp, what=f"{layout} rank {r} logp")
+            seq = S // tp
+            assert_close(grad_h, ref_gh[:, tp_rank * seq : (tp_rank + 1) * seq] if sp else ref_gh,
+                         what=f"{layout} rank {r} grad hidden")
+            grads_w.append(grad_w)
+        grad_w = torch.cat(grads_w)
+        assert_close(grad_w[:REAL_V], ref_gw[:REAL_V], what=f"{layout} grad weight")
+        assert torch.equal(grad_w[REAL_V:], torch.zeros_like(grad_w[REAL_V:]))
+
+
 def test_tensor_parallel_bf16_inputs(tp_results):
     hidden, weight, targets, g_lp, g_ent = _inputs()
     # The reference on the bf16-rounded inputs: what remains is the logits' bf16 rounding by the GEMM.
@@ -280,6 +462,18 @@ def test_tensor_parallel_bf16_inputs(tp_results):
             assert_close(grad_h, ref_gh, rtol=2e-2, what="bf16 grad hidden")
         grad_w = torch.cat([tp_results[r][("tp2", False, str(torch.bfloat16))][3] for r in ranks])
         assert_close(grad_w[:REAL_V], ref_gw[:REAL_V], rtol=2e-2, what="bf16 grad weight")
+    # The training path in bf16 under TP=2.
+    ref_loss, ref_lp, ref_gh, ref_gw = _loss_reference("offline_grpo", hidden.bfloat16(), weight.bfloat16(), targets,
+                                                       _loss_inputs())
+    for ranks in ([0, 1], [2, 3]):
+        for r in ranks:
+            loss, logp, grad_h, _ = tp_results[r][("loss", "tp2", False, str(torch.bfloat16))]
+            assert grad_h.dtype == torch.bfloat16
+            assert_close(loss, ref_loss, rtol=2e-2, what="bf16 loss")
+            assert_close(logp, ref_lp, rtol=2e-2, what="bf16 logp")
+            assert_close(grad_h, ref_gh, rtol=3e-2, what="bf16 grad hidden")
+        grad_w = torch.cat([tp_results[r][("loss", "tp2", False, str(torch.bfloat16))][3] for r in ranks])
+        assert_close(grad_w[:REAL_V], ref_gw[:REAL_V], rtol=3e-2, what="bf16 grad weight (loss)")
 
 
 # ---- through a real Megatron GPTModel ------------------------------------------------------------------------
@@ -391,3 +585,29 @@ def test_triton_path_never_holds_the_logits():
     logits_bytes = n * vocab * 2
     grads_bytes = hidden.numel() * 2 + weight.numel() * 2
     assert peak - grads_bytes < 0.35 * logits_bytes, (peak, grads_bytes, logits_bytes)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_loss_with_gradients_in_forward(dtype):
+    """The training path on CUDA: Triton tile kernels and the torch path against the float64 reference, several
+    token chunks over a padded vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, S, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.7
+    targets = torch.randint(0, REAL_V, (B, S), generator=g)
+    data = _loss_inputs()
+    ref_loss, ref_lp, ref_gh, ref_gw = _loss_reference("offline_grpo", hidden.to(dtype), weight.to(dtype), targets,
+                                                       data)
+    cuda_data = {k: v.cuda() for k, v in data.items()}
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for backend in ("torch", "triton"):
+        h = hidden.to(dtype).cuda().requires_grad_(True)
+        w = weight.to(dtype).cuda().requires_grad_(True)
+        loss, logp = fused_output_loss(h, w, targets.cuda(), _registered_loss("offline_grpo", cuda_data),
+                                       chunk_size=5, backend=backend, vocab_size=REAL_V)
+        loss.backward()
+        assert_close(loss.cpu(), ref_loss, rtol=tol, what=f"{backend} loss")
+        assert_close(logp.cpu(), ref_lp, rtol=tol, what=f"{backend} logp")
+        assert_close(h.grad.cpu(), ref_gh, rtol=tol, what=f"{backend} grad hidden")
+        assert_close(w.grad[:REAL_V].cpu(), ref_gw[:REAL_V], rtol=tol, what=f"{backend} grad weight")

@@ -47,6 +47,8 @@ STEP_CASES = {
                                        "data.group_size": 2, "loss.fused_output_layer": "false"},
     "fused output layer (V=151936, mbs 2 x 512)": {"model.tiny_vocab_size": 151936, "data.micro_batch_size": 2,
                                                    "data.group_size": 2},
+    "fused, recompute (V=151936, mbs 2 x 512)": {"model.tiny_vocab_size": 151936, "data.micro_batch_size": 2,
+                                                 "data.group_size": 2, "loss.fused_output_gradients": "recompute"},
     "full recompute (V=261, mbs 4 x 512)": {"model.tiny_vocab_size": 261, "data.micro_batch_size": 4,
                                             "data.group_size": 4, "model.recompute_granularity": "full"},
     "packed row (V=32768, mbs 2 x 512)": {"model.tiny_vocab_size": 32768, "data.micro_batch_size": 2,

@@ -253,6 +253,23 @@ def test_precomputed_reference_is_the_initial_policy(init_checkpoint, tmp_path):
     assert 0 <= res["history"][0]["kl"] < 1e-9, res["history"][0]["kl"]
 
 
+def test_scores_are_the_same_in_every_layout(init_checkpoint, tmp_path):
+    """Scoring runs on the step's own batch code and forward step: DP=2 with packing, CP=2, and PP=2 with packing
+    (fixed-size packs, several microbatches per schedule, a last schedule topped up with repeats) score every
+    sequence as one rank does, in place (CP ranks' positions put back, packed rows unpacked)."""
+    prefix = _build_sample(str(tmp_path / "scored"))
+    base = [f"model.load={init_checkpoint}", "model.transformer_impl=local", "model.attention_backend=torch",
+            "data.micro_batch_size=6", "data.seq_length=1536", "data.pad_token_id=257"]
+    (expected,) = run_on_ranks(_score_worker, 1, base, prefix)
+    for layout in (["parallel.cp=2"], ["data.packing=true"],
+                   ["parallel.pp=2", "data.packing=true", "data.micro_batch_size=3"]):
+        scores = run_on_ranks(_score_worker, 2, base + layout, prefix)[0]
+        assert sorted(scores) == sorted(expected), layout
+        for i in expected:
+            assert scores[i].shape == expected[i].shape and scores[i][0] == 0.0, (layout, i)
+            assert np.allclose(scores[i], expected[i], rtol=1e-5, atol=1e-5), (layout, i)
+
+
 def test_a_run_ended_by_its_epochs_saves_its_final_weights(contrast_dataset, tmp_path):
     """data.num_epochs ends the run before train_steps: the last step is saved (16 groups / 4 per step = 4 steps)."""
     tmp = str(tmp_path)

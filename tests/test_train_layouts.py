@@ -68,13 +68,41 @@ def test_moe_step_is_the_same_under_expert_and_pipeline_parallelism(moe_dataset,
     assert 0 < metrics["ep1"]["moe_aux_loss"] <= TINY_MOE["num_experts"] / TINY_MOE["num_experts_per_tok"]
 
 
-def test_router_gradient_is_the_policy_loss_plus_the_load_balancing_loss(moe_dataset, moe_model, tmp_path):
+# Rollout lengths with padding in every microbatch: padded to 32 without PP, to data.seq_length=40 with PP.
+PADDED_LENGTHS = (20, 27, 23, 25)
+PADDED_RUN = {"data.micro_batch_size": 4, "data.seq_length": 40, "model.attention_backend": "torch"}
+
+
+@pytest.fixture(scope="module")
+def padded_moe_dataset(tmp_path_factory):
+    return build_moe_dataset(str(tmp_path_factory.mktemp("moe_padded") / "moe"), lengths=PADDED_LENGTHS)
+
+
+def test_moe_padding_is_left_out_of_the_load_balancing_loss(padded_moe_dataset, moe_model, tmp_path):
+    """Padding positions are not routed into the load-balancing statistics (Megatron's padding_mask): a
+    microbatch padded to its longest sequence (32), to the pipeline's fixed 40, packed without padding, or split
+    over EP gives the same step, load-balancing loss included. Counting the padding would change the loss with
+    the amount of padding."""
+    layouts = {
+        "pad": (1, {}),
+        "pp2": (2, {"parallel.pp": 2}),
+        "packed": (1, {"data.packing": True}),
+        "ep2": (2, {"parallel.ep": 2}),
+    }
+    run_moe_layouts(padded_moe_dataset, moe_model, str(tmp_path), layouts, "pad", **PADDED_RUN)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_router_gradient_is_the_policy_loss_plus_the_load_balancing_loss(moe_dataset, padded_moe_dataset, moe_model,
+                                                                        tmp_path, padded):
     """One step's router gradients against float64 ``transformers``: the load-balancing loss enters at
     ``coeff x mean over microbatches`` (two microbatches here, so a factor of ``num_microbatches`` too many or
-    too few shows), and the logged ``loss`` / ``moe_aux_loss`` are its two parts."""
+    too few shows), and the logged ``loss`` / ``moe_aux_loss`` are its two parts. With padded microbatches the
+    reference's load-balancing loss is over the real tokens only."""
     coeff = TINY_MOE["router_aux_loss_coef"]  # model.moe_aux_loss_coeff left null: the model's own coefficient
-    overrides = _overrides(moe_dataset, str(tmp_path), "grad", **{
-        "model.architecture": moe_model["hf"], "model.load": moe_model["mcore"], "optimizer.clip_grad": 0, **MOE_RUN})
+    dataset, run = (padded_moe_dataset, PADDED_RUN) if padded else (moe_dataset, MOE_RUN)
+    overrides = _overrides(dataset, str(tmp_path), "grad", **{
+        "model.architecture": moe_model["hf"], "model.load": moe_model["mcore"], "optimizer.clip_grad": 0, **run})
     (res,) = run_on_ranks(router_grad_worker, 1, overrides)
     step = res["step"]
     assert len(step.microbatches) == 2
@@ -144,6 +172,23 @@ def test_a_pipeline_pack_is_padded_to_seq_length_and_an_overfull_one_is_refused(
     with pytest.raises(ValueError, match=rf"needs {sum(lengths)} tokens > data.seq_length={small}.*raise "
                                          rf"data.seq_length to at least {sum(lengths)} or lower data.micro_batch_size"):
         build_step_batch(samples, cfg_small, cp_size=1, cp_rank=0, reduce=False)
+
+
+def test_sequence_parallel_pads_each_cp_rank_to_a_multiple_of_tp(dataset):
+    """TP=4 x CP=2 with sequence parallelism: every CP rank's part of a padded microbatch splits over TP (the
+    sequence is padded to a multiple of lcm(2 cp, cp x tp) = 8, not just 2 cp = 4), for every sequence length."""
+    from megatron_offgrpo.data import TrajectoryDataset
+    from megatron_offgrpo.training.step import build_step_batch
+
+    ds = TrajectoryDataset(dataset, per_token_arrays=["ref_logp"])
+    cfg = load_config(None, [f"data.train_prefix={dataset}", "parallel.tp=4", "parallel.cp=2",
+                             "parallel.sequence_parallel=true", "data.micro_batch_size=1", "data.seq_length=1536"])
+    lengths = [ds[i]["tokens"].numel() for i in range(len(ds))]
+    assert any((-(-n // 4) * 4 // 2) % 4 for n in lengths)  # 2 cp alone would leave some local lengths unsplittable
+    for i in range(len(ds)):
+        for cp_rank in (0, 1):
+            (mb,) = build_step_batch([ds[i]], cfg, cp_size=2, cp_rank=cp_rank, reduce=False).microbatches
+            assert mb.tokens.shape[1] % 4 == 0 and mb.tokens.shape[1] * 2 >= lengths[i], (i, mb.tokens.shape)
 
 
 def test_moe_settings_are_validated_before_the_run():

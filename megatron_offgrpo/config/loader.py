@@ -250,6 +250,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
     _check_choice(problems, "loss.reference", loss.reference, ("precomputed", "none"))
     # A YAML / command-line true or false arrives as "True" / "False" in this string field: any case is fine.
     _check_choice(problems, "loss.fused_output_layer", str(loss.fused_output_layer).lower(), ("auto", "true", "false"))
+    _check_choice(problems, "loss.fused_output_gradients", loss.fused_output_gradients, ("forward", "recompute"))
     _check_choice(problems, "optimizer.lr_schedule", opt.lr_schedule, ("constant", "cosine", "linear"))
     _check_choice(problems, "model.params_dtype", m.params_dtype, ("fp32", "bf16", "fp16"))
     _check_choice(problems, "model.transformer_impl", m.transformer_impl, ("auto", "local", "te"))
@@ -329,8 +330,14 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None, check_fi
         )
     if d.packing and par.sequence_parallel:
         problems.append("data.packing with parallel.sequence_parallel is not supported yet; set one of them off")
-    if par.sequence_parallel and d.seq_length % par.tp:
-        problems.append(f"data.seq_length={d.seq_length} must be divisible by tp={par.tp} with sequence_parallel")
+    if par.sequence_parallel and d.seq_length % (par.cp * par.tp):
+        # Each CP rank holds seq_length / cp positions, which sequence parallelism splits over TP.
+        unit = math.lcm(par.cp * par.tp, 2 * par.cp if par.cp > 1 else 1)
+        problems.append(
+            f"data.seq_length={d.seq_length} must be divisible by cp x tp={par.cp * par.tp} with sequence_parallel "
+            f"(each CP rank's seq_length / cp positions split over TP); round it up to "
+            f"{-(-d.seq_length // unit) * unit}"
+        )
     if m.fp8 and m.transformer_impl == "local":
         problems.append("model.fp8 needs Transformer Engine: set model.transformer_impl=te (GPU only)")
 

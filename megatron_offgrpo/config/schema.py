@@ -86,6 +86,10 @@ class LossConfig:
     # auto | true | false: the loss applies the output weight to the final hidden states tile by tile, so the
     # [tokens, vocab/tp] logits never exist (losses/fused_output.py). auto = on (benchmarks/train_step.py).
     fused_output_layer: str = "auto"
+    # With the fused output layer in training: "forward" computes the loss's gradients inside the forward pass
+    # (three output-layer GEMMs, as Megatron's cross-entropy step; keeps the fp32 [vocab/tp, hidden] weight
+    # gradient from forward to backward), "recompute" recomputes the logits in backward (four GEMMs, no such buffer).
+    fused_output_gradients: str = "forward"
     teacher: Optional[str] = None  # opd: the teacher the dataset's teacher_logp must come from
     allow_teacher_mismatch: bool = False
 

@@ -8,7 +8,7 @@ from .context_parallel import (
     split_for_context_parallel,
     split_packed_for_context_parallel,
 )
-from .fused_output import fused_vocab_parallel_logprobs, logprobs_from_model_output
+from .fused_output import fused_output_loss, fused_vocab_parallel_logprobs, logprobs_from_model_output
 from .logprobs import vocab_parallel_logprobs
 from .policy import LOSS_AGGREGATIONS, LOSS_KINDS, aggregate_token_loss, per_token_policy_loss, policy_loss
 from .registry import LossSpec, TokenLoss, get_loss, loss_names, register_loss, required_arrays
@@ -16,6 +16,7 @@ from .registry import LossSpec, TokenLoss, get_loss, loss_names, register_loss, 
 __all__ = [
     "vocab_parallel_logprobs",
     "fused_vocab_parallel_logprobs",
+    "fused_output_loss",
     "logprobs_from_model_output",
     "group_advantages",
     "group_statistics",

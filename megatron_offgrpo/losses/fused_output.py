@@ -53,7 +53,7 @@ elsewhere torch operations do. ``backend=`` or ``MEGATRON_OFFGRPO_LOGPROBS_BACKE
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,8 @@ from .logprobs import BACKEND_ENV, resolve_tp_group, vocab_parallel_logprobs
 
 __all__ = [
     "fused_vocab_parallel_logprobs",
+    "fused_output_loss",
+    "loss_tile_tokens",
     "logprobs_from_model_output",
     "fused_output_layer_enabled",
     "tile_shape",
@@ -91,14 +93,13 @@ def fused_output_layer_enabled(setting: Union[str, bool]) -> bool:
     """Resolve ``loss.fused_output_layer`` (``auto`` | ``true`` | ``false``, any case: OmegaConf turns a YAML
     ``true`` into ``"True"`` in this string field) to on / off.
 
-    ``auto`` is on: on CPU it beats the unfused path in memory and time (below), and it frees the largest
-    buffers of the step. ``benchmarks/train_step.py`` on CPU (2 x 1024 tokens, Qwen's 151,936 vocabulary, a
-    4-layer toy whose output layer is ~60% of the step's FLOPs): the fused offline GRPO step peaks at 0.15x the
-    unfused step's extra memory (0.36x Megatron's cross-entropy step's) in 0.88x its CPU time (0.98x wall).
-    Against the cross-entropy step it costs one more output-layer GEMM (the backward recomputes the logits):
-    1.27x CPU time in that toy; by FLOP count (not measured) about +3% for Qwen2.5-7B, whose output layer is ~8%
-    of its matmul FLOPs. On GPU the logits decide the micro batch size and whether CP is needed at long traces;
-    no GPU timing yet (``--device cuda --seq 16384`` gives it).
+    ``auto`` is on: it frees the largest buffers of the step and, with the loss's gradients taken in the forward
+    pass (:func:`fused_output_loss`, ``loss.fused_output_gradients: forward``), costs the three output-layer GEMMs
+    of Megatron's cross-entropy step. ``benchmarks/train_step.py`` on CPU (2 x 1024 tokens, Qwen's 151,936
+    vocabulary, a 4-layer toy whose output layer is ~60% of the step's FLOPs, quiet machine): the offline GRPO
+    step takes 1.00x the cross-entropy step's time at 0.35x its peak extra memory; with the logits recomputed in
+    backward (four GEMMs) 1.16x / 0.37x; unfused 2.36x / 2.45x. On GPU no timing yet (``--device cuda --seq
+    16384`` gives it).
     """
     value = str(setting).lower()
     if value not in FUSED_OUTPUT_LAYER_CHOICES:
@@ -325,6 +326,22 @@ def fused_vocab_parallel_logprobs(
         fp32 ``logp`` shaped like ``targets`` (and fp32 ``entropy`` alike when ``return_entropy``),
         differentiable w.r.t. ``hidden`` and ``weight`` (gradients in their dtype).
     """
+    hidden, targets, group, vocab_size, restore = _prepare(hidden, weight, targets, tp_group, chunk_size,
+                                                           vocab_size, sequence_parallel)
+    out = _FusedOutputLogProbs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), group, chunk_size,
+        int(vocab_size), _use_triton(hidden, backend), bool(return_entropy),
+    )
+    if return_entropy:
+        return restore(out[0]), restore(out[1])
+    return restore(out)
+
+
+def _prepare(hidden, weight, targets, tp_group, chunk_size, vocab_size, sequence_parallel):
+    """Validate the inputs of the public functions and route the hidden states through Megatron's TP region
+    function. Returns ``(hidden, targets, group, vocab_size, restore)``: the hidden states every rank multiplies
+    (gathered under sequence parallelism), the targets in the same row order, the TP group (or ``None``), the real
+    vocabulary, and ``restore`` mapping a flat per-token vector back to the caller's ``targets`` layout."""
     if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must be float tensors of one dtype")
     if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
@@ -371,15 +388,189 @@ def fused_vocab_parallel_logprobs(
         else:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=group)  # all-reduce the grad backward
     lead_shape = targets.shape
-    out = _FusedOutputLogProbs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), group, chunk_size,
-        int(vocab_size), _use_triton(hidden, backend), bool(return_entropy),
+
+    def restore(flat: torch.Tensor) -> torch.Tensor:
+        out = flat.reshape(lead_shape)
+        return out.movedim(0, -1) if sharded else out
+
+    return hidden, targets, group, vocab_size, restore
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the loss's gradient computed during the forward pass (three output-layer GEMMs, as Megatron's own)
+#
+# Why: the function above never stores logits, so its backward must recompute them: four output-layer GEMMs
+# (forward logits, recomputed logits, grad_h, grad_W) against the three of Megatron's cross-entropy step. A policy
+# loss is *token-separable*: it is a sum over tokens of a per-token term whose weight (the aggregation's 1/|o_i|,
+# 1/N_seq ...) does not depend on the log-probs, so d loss / d logp_t depends on logp_t alone and is known as soon
+# as the token's logsumexp is. Tiles that span the rank's whole vocabulary for a chunk of tokens finish each
+# token's logsumexp inside the tile, so the tile's gradient ``dx = g (onehot - p)`` and the two gradient GEMMs can
+# run right there, before the tile is overwritten: the forward does all the work, the backward only scales the
+# stored gradients by the incoming one. What it keeps from forward to backward is the weight's gradient (fp32
+# ``[V/tp, H]``, which the unfused backward also allocates) and the hidden states' (``[tokens, H]``).
+
+
+# Fewer tokens per tile make the weight-gradient GEMM (inner dimension = the tile's tokens) memory bound.
+_MIN_LOSS_TILE_TOKENS = 256
+
+
+def loss_tile_tokens(num_tokens: int, vocab_real: int, chunk_size: Optional[int] = None) -> int:
+    """Tokens per tile of :func:`fused_output_loss` (each tile spans the rank's whole real vocabulary):
+    ``chunk_size``, else as many as keep the tile near 2^25 elements, at least 256."""
+    tokens = chunk_size if chunk_size else max(_MIN_LOSS_TILE_TOKENS, _TILE_ELEMENTS // max(1, vocab_real))
+    return max(1, min(tokens, num_tokens))
+
+
+def _tile_exp_stats_torch(x: torch.Tensor, targets: torch.Tensor):
+    """Torch path of one full-vocabulary tile: ``(lse, target_logit, e, row_max)`` with ``e = exp(x - row_max)``
+    (fp32; an fp32 ``x`` is overwritten with it), from which the gradient follows once the global logsumexp is
+    known, without a second pass over the logits."""
+    cols = x.shape[1]
+    here = (targets >= 0) & (targets < cols)
+    picked = x.gather(-1, targets.clamp(0, cols - 1)[:, None]).squeeze(-1).float()
+    target_logit = torch.where(here, picked, torch.zeros_like(picked))
+    xf = x.float()
+    row_max = xf.amax(dim=-1)
+    e = xf.sub_(row_max[:, None]).exp_()
+    return row_max + e.sum(dim=-1).log(), target_logit, e, row_max
+
+
+def _tile_grad_from_exp_torch(e, targets, row_max, lse, grad_logp, dtype) -> torch.Tensor:
+    """``dx = g (onehot(target) - p)`` with ``p = e exp(row_max - lse)`` (``lse`` global), in place over ``e``."""
+    cols = e.shape[1]
+    dx = e.mul_((-grad_logp * torch.exp(row_max - lse))[:, None])
+    here = (targets >= 0) & (targets < cols)
+    dx.scatter_add_(-1, targets.clamp(0, cols - 1)[:, None], torch.where(here, grad_logp, 0.0)[:, None])
+    return dx if dx.dtype == dtype else dx.to(dtype)
+
+
+class _FusedOutputLoss(torch.autograd.Function):
+    """``loss_fn(logp)`` of the log-probs of ``[N, H]`` TP-replicated hidden states under the local ``[V_local, H]``
+    weight, with its gradients w.r.t. both computed in forward. Returns ``(loss, logp)``; ``logp`` (fp32 ``[N]``)
+    is not differentiable. ``loss_fn`` must be token-separable (module notes above)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, tp_group, chunk_tokens, vocab_size, use_triton, loss_fn):
+        n, h = hidden.shape
+        v_local = weight.shape[0]
+        rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        vocab_start = rank * v_local
+        v_real = min(v_local, max(0, vocab_size - vocab_start))
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        logp = torch.zeros(n, **f32)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # fp32 accumulation over token chunks (the weight's own memory when it is fp32 and one chunk covers all).
+        grad_weight = torch.zeros(v_local, h, **f32) if need_weight else None
+        w_real = weight[:v_real]
+        local_targets = targets - vocab_start
+        scratch = _Scratch(chunk_tokens * v_real, hidden)
+        if use_triton:
+            from .triton_fused_output import tile_grad_, tile_stats
+
+        def token_gradient(ts: int, te: int) -> torch.Tensor:
+            # Separable: d loss / d logp_t at the chunk's tokens does not depend on the other entries of `logp`
+            # (zeros or earlier chunks' values), so one autograd pass over the whole vector answers for the chunk.
+            with torch.enable_grad():
+                lp = logp.detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(loss_fn(lp), lp, allow_unused=True)
+            return torch.zeros(te - ts, **f32) if grad is None else grad[ts:te].float()
+
+        for ts, te in _chunks(n, chunk_tokens):
+            h_chunk, t_chunk = hidden[ts:te], local_targets[ts:te]
+            e = row_max = None
+            if v_real:
+                x = scratch.mm(h_chunk, w_real)  # [chunk, V_real]: this rank's logits of these tokens
+                if use_triton:
+                    lse, target_logit, _ = tile_stats(x, t_chunk, 0, False)
+                else:
+                    lse, target_logit, e, row_max = _tile_exp_stats_torch(x, t_chunk)
+            else:  # a rank holding only vocabulary padding
+                lse = torch.full((te - ts,), float("-inf"), **f32)
+                target_logit = torch.zeros(te - ts, **f32)
+            if tp_group is not None:  # the combine of the recompute path, per chunk
+                global_max = lse.clone()
+                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+                partial = torch.stack([torch.exp(lse - global_max), target_logit])
+                dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
+                lse, target_logit = global_max + torch.log(partial[0]), partial[1]
+            logp[ts:te] = target_logit - lse
+            g = token_gradient(ts, te)
+            if not v_real or not (need_hidden or need_weight):
+                continue
+            if use_triton:
+                dx = tile_grad_(x, t_chunk, 0, lse, g)
+            else:
+                dx = _tile_grad_from_exp_torch(e, t_chunk, row_max, lse, g, hidden.dtype)
+            if need_hidden:
+                torch.mm(dx, w_real, out=grad_hidden[ts:te])
+            if need_weight:
+                if dx.dtype == torch.float32:
+                    grad_weight[:v_real].addmm_(dx.t(), h_chunk)
+                else:
+                    grad_weight[:v_real] += (dx.t() @ h_chunk).float()
+        with torch.no_grad():
+            loss = loss_fn(logp.clone()).detach().float()
+        ctx.grads = (grad_hidden, grad_weight, weight.dtype)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        grad_hidden, grad_weight, weight_dtype = ctx.grads
+        ctx.grads = None  # one backward: the stored gradients are scaled in place and handed over
+        scale = grad_loss.float()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_output_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    tp_group: Optional[dist.ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    vocab_size: Optional[int] = None,
+    sequence_parallel: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A token-separable loss of the log-probs of ``targets`` under ``hidden @ weight^T``, its gradients w.r.t.
+    ``hidden`` and ``weight`` computed in the forward pass (three output-layer GEMMs, no recompute), the logits
+    never materialised.
+
+    Args: as :func:`fused_vocab_parallel_logprobs`, plus
+        loss_fn: ``logp -> scalar`` on fp32 log-probs shaped like ``targets``; *token-separable*: ``d loss /
+            d logp[t]`` depends on ``logp[t]`` only (every registered policy loss: a per-token term times weights
+            that do not depend on the log-probs). It is called once per tile (with the other tokens' entries
+            arbitrary) and once more for the value. A loss mixing tokens (a sequence-level ratio, say) must use
+            :func:`fused_vocab_parallel_logprobs` instead.
+        chunk_size: tokens per tile (``None``: :func:`loss_tile_tokens`); a tile spans the rank's whole real
+            vocabulary.
+
+    Returns:
+        ``(loss, logp)``: the fp32 scalar ``loss_fn(logp)``, differentiable w.r.t. ``hidden`` and ``weight``
+        (one backward), and the fp32 log-probs shaped like ``targets``, detached.
+    """
+    hidden, targets, group, vocab_size, restore = _prepare(hidden, weight, targets, tp_group, chunk_size,
+                                                           vocab_size, sequence_parallel)
+    v_local = weight.shape[0]
+    flat_targets = targets.reshape(-1).long()
+    # Every TP rank must use the same chunks (their statistics are all-reduced per chunk): size them by the rank-0
+    # shard, which is all real.
+    chunk_tokens = loss_tile_tokens(flat_targets.numel(), min(v_local, vocab_size), chunk_size)
+
+    def flat_loss(flat_logp: torch.Tensor) -> torch.Tensor:
+        return loss_fn(restore(flat_logp))
+
+    loss, flat_logp = _FusedOutputLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, group, chunk_tokens, int(vocab_size),
+        _use_triton(hidden, backend), flat_loss,
     )
-    outs = out if return_entropy else (out,)
-    outs = tuple(o.reshape(lead_shape) for o in outs)
-    if sharded:
-        outs = tuple(o.movedim(0, -1) for o in outs)
-    return outs if return_entropy else outs[0]
+    return loss, restore(flat_logp)
 
 
 def logprobs_from_model_output(

@@ -32,9 +32,12 @@ stage has all of it):
   Megatron's unfused ``local`` attention it drops the ``b x heads x s^2`` score and probability tensors. The
   backward working set of a layer (the gradients of its widest tensors, plus the recomputed layer) is added when it
   exceeds the loss buffers' peak: the two are never alive together.
-* **loss buffers** (last stage), with ``loss.fused_output_layer`` (the default): one logits tile
-  ``[token chunk, vocabulary block]`` with its fp32 temporaries, the fp32 ``[tokens, hidden]`` gradient
-  accumulator of the hidden states and the output weight's gradient; the ``[tokens, vocab]`` logits never exist.
+* **loss buffers** (last stage), with ``loss.fused_output_layer`` (the default) and its gradients taken in the
+  forward pass (``loss.fused_output_gradients: forward``, the default): one logits tile ``[token chunk, the
+  rank's real vocabulary]`` with its temporaries, the fp32 output-weight gradient and the hidden states' gradient,
+  both kept until the loss's backward. With ``recompute``: one tile ``[token chunk, vocabulary block]`` with its
+  fp32 temporaries, the fp32 ``[tokens, hidden]`` gradient accumulator of the hidden states and the output
+  weight's gradient. The ``[tokens, vocab]`` logits never exist in either.
   Unfused: the logits ``[tokens, padded_vocab / tp]`` in the params dtype, the transposed
   copy GPTModel makes when it returns logits (``labels=None``; none for a single row, i.e. packing or
   ``micro_batch_size = 1``), their gradient, the contiguous copy of that gradient Megatron's linear makes for the
@@ -307,9 +310,26 @@ def _loss_buffer_bytes(arch, cfg: TrainConfig, lay: Dict[str, Any], tokens: int,
     v_real_local = min(v_local, arch.vocab_size)  # rank 0's shard: all of it real
     wgrad = v_local * arch.hidden_size * dtype  # the output layer's weight gradient before it joins main_grad
     vectors = tokens * 24 * 4  # per-token fp32 vectors of the loss (log-probs, logsumexp, masks, KL, ...)
-    from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled, tile_shape
+    from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled, loss_tile_tokens, tile_shape
 
-    if fused_output_layer_enabled(cfg.loss.fused_output_layer):
+    fused = fused_output_layer_enabled(cfg.loss.fused_output_layer)
+    if fused and cfg.loss.fused_output_gradients == "forward":
+        # Tiles [token chunk x the rank's real vocabulary]; the loss's gradients are made in the forward pass and
+        # kept for the backward: the fp32 weight gradient and the hidden states' gradient (losses/fused_output.py).
+        tile_tokens = loss_tile_tokens(tokens, v_real_local, cfg.loss.logprob_chunk_size)
+        tile = tile_tokens * v_real_local
+        wgrad32 = v_local * arch.hidden_size * 4
+        grad_hidden = tokens * arch.hidden_size * dtype
+        # The tile; unless fp32 (computed in place), its fp32 exp, dx in the params dtype and the chunk's
+        # weight-gradient product before it joins the fp32 accumulator.
+        fwd = wgrad32 + grad_hidden + tile * dtype + (
+            tile * (4 + dtype) + v_real_local * arch.hidden_size * dtype if dtype != 4 else 0)
+        bwd = wgrad32 + grad_hidden + (wgrad if dtype != 4 else 0)  # the scaled gradient cast to the params dtype
+        detail = (f"fused output layer, gradients in forward: tiles [{tile_tokens} x {v_real_local}] "
+                  f"({tile * dtype / GIB:.2f} GiB), fp32 weight gradient {wgrad32 / GIB:.2f} GiB, hidden gradient "
+                  f"{grad_hidden / GIB:.2f} GiB; no [tokens x vocab] logits")
+        return int(max(fwd, bwd) + vectors), detail
+    if fused:
         # The logits exist one [token chunk x vocabulary block] tile at a time (losses/fused_output.py).
         tile_tokens, tile_rows = tile_shape(tokens, v_real_local, cfg.loss.logprob_chunk_size)
         tile = tile_tokens * tile_rows

@@ -11,9 +11,10 @@ An MoE router's load-balancing loss is attached and scaled by Megatron itself, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,11 @@ from megatron_offgrpo.losses import (
     split_for_context_parallel,
     split_packed_for_context_parallel,
 )
-from megatron_offgrpo.losses.fused_output import fused_output_layer_enabled, logprobs_from_model_output
+from megatron_offgrpo.losses.fused_output import (
+    fused_output_layer_enabled,
+    fused_output_loss,
+    logprobs_from_model_output,
+)
 
 # Order of the per-step metric sums (one float64 vector, reduced once per step).
 METRIC_SUMS = (
@@ -66,6 +71,10 @@ class Microbatch:
     # sequence); `unpack_index` [B, n_max] maps those rows back into the flat local row.
     packed_seq: Optional[Dict[str, torch.Tensor]] = None
     unpack_index: Optional[torch.Tensor] = None
+    # bool, shaped like `tokens` (this CP rank's part): True where the position is padding (a padded row's tail,
+    # a packed sequence's alignment, the pipeline's filler). An MoE router leaves these out of its load-balancing
+    # statistics (Megatron's padding_mask), so the loss does not depend on how much padding a layout adds.
+    padding_mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -130,6 +139,9 @@ def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tens
         cu = torch.cat([cu, cu.new_tensor([pack_length])])
         cu_real = torch.cat([cu_real, cu_real.new_tensor([pack_length])])  # all of it "real": no empty softmax
         batch["max_seqlen"] = torch.tensor(max(int(batch["max_seqlen"]), filler), dtype=torch.int32)
+    padding = torch.ones(1, int(cu[-1]), dtype=torch.bool)
+    for start, length in zip(cu[:len(samples)].tolist(), (cu_real[1:] - cu_real[:-1])[:len(samples)].tolist()):
+        padding[0, start : start + length] = False  # a sequence's own tokens; its alignment tail stays padding
     split = partial(split_packed_for_context_parallel, cu_seqlens_padded=cu, cp_size=cp_size, cp_rank=cp_rank)
     local_bounds = (cu // cp_size).tolist()[:len(samples) + 1]  # the samples' rows (not the filler's)
     lengths = [b - a for a, b in zip(local_bounds[:-1], local_bounds[1:])]
@@ -158,7 +170,18 @@ def _packed_microbatch(samples: Sequence[Dict[str, Any]], advantages: torch.Tens
         packed_seq={"cu_seqlens": cu_real, "cu_seqlens_padded": cu,
                     "max_seqlen": int(batch["max_seqlen"])},
         unpack_index=index,
+        padding_mask=split(padding),
     )
+
+
+def padding_multiple(cfg: TrainConfig, cp_size: int) -> int:
+    """What a padded (not packed, not PP) microbatch's length is rounded up to: 8 (CP=1), a multiple of ``2 cp``
+    for the load-balanced CP split, and with sequence parallelism also of ``cp x tp``, so that the local length
+    ``T / cp`` splits over TP (docs/design.md 4.2)."""
+    multiple = 2 * cp_size if cp_size > 1 else 8
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+        multiple = math.lcm(multiple, cp_size * cfg.parallel.tp)
+    return multiple
 
 
 def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_size: int, cp_rank: int,
@@ -189,7 +212,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
     # positions (a pack: data.seq_length tokens in all); without PP a microbatch is padded only to its longest
     # sequence (a multiple of 2*cp for the CP split) and a pack holds just its sequences.
     fixed_length = d.seq_length if cfg.parallel.pp > 1 else None
-    multiple = 1 if fixed_length else (2 * cp_size if cp_size > 1 else 8)
+    multiple = 1 if fixed_length else padding_multiple(cfg, cp_size)
     microbatches: List[Microbatch] = []
     for start in range(0, len(samples), d.micro_batch_size):
         rows = slice(start, start + d.micro_batch_size)
@@ -214,6 +237,7 @@ def build_step_batch(samples: Sequence[Dict[str, Any]], cfg: TrainConfig, cp_siz
                 sequence_token_counts=counts,
                 arrays=arrays,
                 names=[sequence_name(s) for s in samples[rows]],
+                padding_mask=split(torch.arange(batch["tokens"].shape[1])[None] >= batch["seq_lens"][:, None]),
             )
         )
 
@@ -275,33 +299,46 @@ def microbatch_loss(
     loss_cfg = cfg.loss
     labels = mb.labels.to(logits.device)
     mask = mb.loss_mask.to(logits.device)
-    # With output_weight (loss.fused_output_layer), `logits` are the final hidden states: see make_forward_step.
-    logp = logprobs_from_model_output(logits, labels, output_weight, chunk_size=loss_cfg.logprob_chunk_size,
-                                      vocab_size=vocab_size, sequence_parallel=cfg.parallel.sequence_parallel)
-    if mb.unpack_index is not None:
-        # Packed THD row [1, t] -> one row per sequence [B, n_max] (padding slots are masked by loss_mask).
-        logp = logp[0][mb.unpack_index.to(logp.device)]
     spec = get_loss(loss_cfg.kind)
     use_reference = spec.kl and loss_cfg.kl_coef > 0 and loss_cfg.reference == "precomputed"
-    ref = mb.arrays["ref_logp"] if use_reference else None
-    advantages, old = spec.inputs(logp, mb.arrays, mb.advantages)
-    loss, metrics = policy_loss(
-        logp,
-        mask,
-        advantages,
-        kind=loss_cfg.kind,
-        rewards=mb.rewards.to(logp.device),
-        ref_logprobs=None if ref is None else ref.to(logp.device),
-        old_logprobs=old,
-        clip_eps=loss_cfg.clip_eps,
-        kl_coef=loss_cfg.kl_coef,
-        agg=loss_cfg.agg,
-        num_sequences=step.num_sequences,
-        num_tokens=step.num_tokens,
-        sequence_token_counts=mb.sequence_token_counts.to(logp.device),
-        max_response_len=loss_cfg.max_response_len,
-        shaping_gamma=loss_cfg.shaping_gamma,
-    )
+    ref = mb.arrays["ref_logp"].to(logits.device) if use_reference else None
+
+    def loss_of(logp: torch.Tensor):
+        """The registered loss of this microbatch from its log-probs as the model's output lays them out."""
+        logp = _per_sequence(mb, logp)
+        advantages, old = spec.inputs(logp, mb.arrays, mb.advantages)
+        loss, metrics = policy_loss(
+            logp,
+            mask,
+            advantages,
+            kind=loss_cfg.kind,
+            rewards=mb.rewards.to(logp.device),
+            ref_logprobs=ref,
+            old_logprobs=old,
+            clip_eps=loss_cfg.clip_eps,
+            kl_coef=loss_cfg.kl_coef,
+            agg=loss_cfg.agg,
+            num_sequences=step.num_sequences,
+            num_tokens=step.num_tokens,
+            sequence_token_counts=mb.sequence_token_counts.to(logp.device),
+            max_response_len=loss_cfg.max_response_len,
+            shaping_gamma=loss_cfg.shaping_gamma,
+        )
+        return loss, metrics, logp, advantages, old
+
+    # With output_weight (loss.fused_output_layer), `logits` are the final hidden states: see make_forward_step.
+    if output_weight is not None and loss_cfg.fused_output_gradients == "forward":
+        # Every registered loss is token-separable, so its gradient is taken inside the output layer's forward
+        # (losses/fused_output.py: three output-layer GEMMs, no recompute); the metrics read the same log-probs.
+        loss, flat_logp = fused_output_loss(
+            logits, output_weight, labels, lambda lp: loss_of(lp)[0], chunk_size=loss_cfg.logprob_chunk_size,
+            vocab_size=vocab_size, sequence_parallel=cfg.parallel.sequence_parallel)
+        with torch.no_grad():
+            _, metrics, logp, advantages, old = loss_of(flat_logp)
+    else:
+        flat_logp = logprobs_from_model_output(logits, labels, output_weight, chunk_size=loss_cfg.logprob_chunk_size,
+                                               vocab_size=vocab_size, sequence_parallel=cfg.parallel.sequence_parallel)
+        loss, metrics, logp, advantages, old = loss_of(flat_logp)
     with torch.no_grad():
         sel = mask.bool()
         pos = sel & (mb.rewards.to(sel.device) > 0)[:, None]
@@ -330,11 +367,51 @@ def microbatch_loss(
     return loss * loss_scale, out
 
 
-def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, vocab_size: int):
+def _per_sequence(mb: Microbatch, logp: torch.Tensor) -> torch.Tensor:
+    """Log-probs as the model's output lays them out -> one row per sequence ``[B, n]`` (packed rows unpacked)."""
+    if mb.unpack_index is None:
+        return logp
+    # Packed THD row [1, t] -> one row per sequence [B, n_max] (padding slots are masked by loss_mask).
+    return logp[0][mb.unpack_index.to(logp.device)]
+
+
+def microbatch_logprobs(mb: Microbatch, output: torch.Tensor, cfg: TrainConfig, vocab_size: int,
+                        output_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's log-probs of a microbatch's labels, one row per sequence ``[B, n]`` (its CP part, packed rows
+    unpacked), from what the model returned (logits, or hidden states with ``output_weight``); no gradient kept
+    beyond what autograd records. What scoring (``inference/scoring.py``) collects."""
+    logp = logprobs_from_model_output(output, mb.labels.to(output.device), output_weight,
+                                      chunk_size=cfg.loss.logprob_chunk_size, vocab_size=vocab_size,
+                                      sequence_parallel=cfg.parallel.sequence_parallel)
+    return _per_sequence(mb, logp)
+
+
+def _router_padding_mask(model, padding_mask: torch.Tensor, cfg: TrainConfig) -> Optional[torch.Tensor]:
+    """The ``padding_mask`` to hand GPTModel: ``None`` for a dense model (nothing reads it). Megatron (0.16)
+    shards it over TP for sequence parallelism on the first pipeline stage only; later stages receive their
+    hidden states sequence-sharded too, so their mask is sharded here (GPU only: SP does not run on CPU)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
+
+    gpt = unwrap_model(model)
+    if not getattr(gpt.config, "num_moe_experts", None):
+        return None
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and tp > 1 and not gpt.pre_process:
+        local = padding_mask.shape[1] // tp
+        rank = ps.get_tensor_model_parallel_rank()
+        padding_mask = padding_mask[:, rank * local : (rank + 1) * local]
+    return padding_mask
+
+
+def make_forward_step(cfg: TrainConfig, step: Optional[StepBatch], loss_scale: float, vocab_size: int,
+                      collect: Optional[Callable[..., Any]] = None):
     """The ``forward_step_func`` for Megatron's ``get_forward_backward_func()``; ``vocab_size`` is the real one.
 
     With ``loss.fused_output_layer`` on, the model returns its final hidden states and the loss applies the output
     weight itself (:mod:`megatron_offgrpo.losses.fused_output`): the ``[tokens, V/tp]`` logits never exist.
+    ``collect`` replaces the training loss (forward-only use, e.g. scoring): Megatron calls
+    ``collect(mb, output, output_weight=...)``, which returns ``(scalar, dict)``.
     """
     import contextlib
 
@@ -345,10 +422,15 @@ def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, voca
     def forward_step(data_iterator: Iterator[Microbatch], model):
         mb = next(data_iterator)
         device = next(model.parameters()).device
+        extra = {}
+        if mb.padding_mask is not None:
+            mask = _router_padding_mask(model, mb.padding_mask, cfg)
+            if mask is not None:
+                extra["padding_mask"] = mask.to(device)
         # output_weight: the weight the loss applies (last pipeline stage, fused only), else None.
         with output_hidden_states(model) if fused else contextlib.nullcontext() as output_weight:
             if mb.packed_seq is None:
-                output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+                output = model(mb.tokens.to(device), mb.position_ids.to(device), None, **extra)
             else:
                 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -360,7 +442,10 @@ def make_forward_step(cfg: TrainConfig, step: StepBatch, loss_scale: float, voca
                                          cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
                                          max_seqlen_q=mb.packed_seq["max_seqlen"],
                                          max_seqlen_kv=mb.packed_seq["max_seqlen"])
-                output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params)
+                output = model(mb.tokens.to(device), mb.position_ids.to(device), None, packed_seq_params=params,
+                               **extra)
+        if collect is not None:
+            return output, partial(collect, mb, output_weight=output_weight)
         return output, partial(microbatch_loss, mb, cfg=cfg, step=step, loss_scale=loss_scale, vocab_size=vocab_size,
                                output_weight=output_weight)
 
