@@ -297,6 +297,22 @@ def test_loss_with_gradients_in_forward_equals_float64_reference(kind, chunk_siz
     assert h.grad.abs().max() > 1e-3 and w.grad.abs().max() > 1e-3  # the case is able to fail
 
 
+def test_loss_without_autograd_makes_no_gradients(monkeypatch):
+    """Under no_grad (validation) the loss and log-probs are the same, and no gradient GEMM runs: the function
+    falls back to the forward-only tiles (autograd would report the weight as needing a gradient regardless)."""
+    hidden, weight, targets, *_ = _inputs()
+    data = _loss_inputs()
+    w = weight.clone().requires_grad_(True)
+    with torch.no_grad():
+        calls = []
+        monkeypatch.setattr(fused_module._FusedOutputLoss, "apply", lambda *a: calls.append(a))
+        loss, logp = fused_output_loss(hidden, w, targets, _registered_loss("offline_grpo", data), vocab_size=REAL_V)
+    assert not calls
+    ref_loss, ref_lp, *_ = _loss_reference("offline_grpo", hidden, weight, targets, data)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(logp, ref_lp, what="logp")
+
+
 def test_loss_with_gradients_in_forward_bf16():
     """bf16 hidden states and weight: an fp32 loss and log-probs, gradients in bf16 (fp32 accumulation of the
     weight gradient over token chunks), against the reference on the bf16-rounded inputs."""

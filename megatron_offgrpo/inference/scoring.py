@@ -60,7 +60,7 @@ def score_dataset(cfg: TrainConfig, prefix: str) -> Dict[int, np.ndarray]:
     per_call = d.micro_batch_size * max(1, cfg.parallel.pp)
     mine = list(range(dp_rank, len(dataset), dp_size))
     calls = [mine[i : i + per_call] for i in range(0, len(mine), per_call)]
-    # Every DP rank runs the same number of schedules: a rank with fewer sequences repeats its last call.
+    # Every DP rank runs the same number of schedules: a rank with fewer sequences runs extra ones of repeated rows.
     n_calls = int(all_reduce_cpu(torch.tensor([len(calls)]), op=dist.ReduceOp.MAX))
     filler = mine[-1:] or [0]
     calls += [[]] * (n_calls - len(calls))

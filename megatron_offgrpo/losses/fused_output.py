@@ -555,6 +555,12 @@ def fused_output_loss(
         ``(loss, logp)``: the fp32 scalar ``loss_fn(logp)``, differentiable w.r.t. ``hidden`` and ``weight``
         (one backward), and the fp32 log-probs shaped like ``targets``, detached.
     """
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # No backward will come (validation, scoring; autograd would still report the parameters as needing
+        # gradients inside the function): one GEMM per tile, no gradients made.
+        logp = fused_vocab_parallel_logprobs(hidden, weight, targets, tp_group, chunk_size, backend, vocab_size,
+                                             sequence_parallel)
+        return loss_fn(logp).float(), logp
     hidden, targets, group, vocab_size, restore = _prepare(hidden, weight, targets, tp_group, chunk_size,
                                                            vocab_size, sequence_parallel)
     v_local = weight.shape[0]

@@ -378,8 +378,8 @@ def _per_sequence(mb: Microbatch, logp: torch.Tensor) -> torch.Tensor:
 def microbatch_logprobs(mb: Microbatch, output: torch.Tensor, cfg: TrainConfig, vocab_size: int,
                         output_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's log-probs of a microbatch's labels, one row per sequence ``[B, n]`` (its CP part, packed rows
-    unpacked), from what the model returned (logits, or hidden states with ``output_weight``); no gradient kept
-    beyond what autograd records. What scoring (``inference/scoring.py``) collects."""
+    unpacked), from what the model returned (logits, or hidden states with ``output_weight``); differentiable when
+    the output is. What scoring (``inference/scoring.py``) collects."""
     logp = logprobs_from_model_output(output, mb.labels.to(output.device), output_weight,
                                       chunk_size=cfg.loss.logprob_chunk_size, vocab_size=vocab_size,
                                       sequence_parallel=cfg.parallel.sequence_parallel)
