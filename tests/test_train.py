@@ -255,8 +255,8 @@ def test_precomputed_reference_is_the_initial_policy(init_checkpoint, tmp_path):
 
 def test_scores_are_the_same_in_every_layout(init_checkpoint, tmp_path):
     """Scoring runs on the step's own batch code and forward step: DP=2 with packing, CP=2, and PP=2 with packing
-    (fixed-size packs, several microbatches per schedule, a last schedule topped up with repeats) score every
-    sequence as one rank does, in place (CP ranks' positions put back, packed rows unpacked)."""
+    (fixed-size packs, two microbatches per schedule) score every sequence as one rank does, in place (CP ranks'
+    positions put back, packed rows unpacked)."""
     prefix = _build_sample(str(tmp_path / "scored"))
     base = [f"model.load={init_checkpoint}", "model.transformer_impl=local", "model.attention_backend=torch",
             "data.micro_batch_size=6", "data.seq_length=1536", "data.pad_token_id=257"]
