@@ -147,3 +147,22 @@ def test_input_without_records_is_an_error(tmp_path, content):
     empty.write_bytes(content)
     with pytest.raises(InputError, match=rf"^{empty}: no records \(the file is empty\)"):
         read_groups([str(good), str(empty)])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 19])
+def test_jsonl_blocks_give_every_line_its_number(tmp_path, block_bytes):
+    """The build reads JSONL in blocks cut at newlines and the workers split them: blank lines, CRLF ends, a line
+    longer than a block and a last line without a newline come out exactly as a line-by-line read numbers them."""
+    from megatron_offgrpo.preprocess.readers import iter_jsonl_blocks, parse_block
+
+    lines = [b'{"a": 1}', b"", b'{"b": "' + b"x" * 150 + b'"}\r', b"   ", b"not json", b'{"c": 3}']
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+    expected = [(n, raw) for n, raw in enumerate(lines, start=1) if raw.strip()]
+    got = []
+    for first, block in iter_jsonl_blocks(str(path), block_bytes=block_bytes):
+        got += [(n, raw) for n, raw in enumerate(block.split(b"\n"), start=first) if raw.strip()]
+    assert got == expected
+    results = [r for first, block in iter_jsonl_blocks(str(path), block_bytes)
+               for r in parse_block((str(path), None, first, block))]
+    assert [getattr(r, "line", None) or r[0] for r in results] == [1, 3, 5, 6]

@@ -137,21 +137,27 @@ def iter_jsonl(path: str) -> RowSource:
                 yield line_no, decode_line(path, line_no, raw)
 
 
-def iter_jsonl_batches(path: str, max_lines: int = 2048, max_bytes: int = 1 << 22) -> Iterator[List[Tuple[int, bytes]]]:
-    """The non-blank lines of a JSONL file as ``(line_no, raw bytes)``, in batches (for parsing in workers)."""
-    batch: List[Tuple[int, bytes]] = []
-    size = 0
+def iter_jsonl_blocks(path: str, block_bytes: int = 1 << 19) -> Iterator[Tuple[int, bytes]]:
+    """A JSONL file as ``(number of its first line, block of whole lines)``, blocks of about ``block_bytes`` (a
+    longer line makes a longer block). The main process only reads and cuts at a newline; splitting the lines
+    and parsing them is the workers' (:func:`parse_block`), so the main process does no per-line work to feed them.
+    """
+    line_no, carry = 1, b""
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
+        while True:
+            data = f.read(block_bytes)
+            if not data:
+                break
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # no line end yet: one line longer than the block
+                carry = data
                 continue
-            batch.append((line_no, raw))
-            size += len(raw)
-            if len(batch) >= max_lines or size >= max_bytes:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+            block, carry = data[:cut], data[cut:]
+            yield line_no, block
+            line_no += block.count(b"\n")
+    if carry:
+        yield line_no, carry  # the last line, without a final newline
 
 
 PARQUET_BATCH_ROWS = 1024
@@ -252,11 +258,14 @@ def parse_one(path: str, line_no: int, row: Union[Dict[str, Any], Reject], domai
     return ParsedRow(line_no, group_key(problem), problem, extras["problem_id"], len(valid), rejects, record)
 
 
-def parse_lines(task: Tuple[str, Optional[str], List[Tuple[int, bytes]]]) -> List[ParseResult]:
-    """Worker task: ``(path, domain, [(line_no, raw line), ...])`` -> one :func:`parse_one` result per line."""
-    path, domain, lines = task
+def parse_block(task: Tuple[str, Optional[str], int, bytes]) -> List[ParseResult]:
+    """Worker task: ``(path, domain, first line number, block of lines)`` -> one :func:`parse_one` result per
+    non-blank line, in order (:func:`iter_jsonl_blocks` makes the blocks)."""
+    path, domain, first_line, block = task
     out: List[Any] = []
-    for n, raw in lines:
+    for n, raw in enumerate(block.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
         r = parse_one(path, n, decode_line(path, n, raw), domain)
         out.append(tuple(r) if isinstance(r, ParsedRow) else r)
     return out
@@ -272,9 +281,9 @@ def iter_parsed(paths: Iterable[str], domain: Optional[str] = None, pool: Any = 
         rows = iter_rows(path)  # checks existence and format first
         records = 0
         if path.lower().endswith((".jsonl", ".json", ".ndjson")):
-            tasks = ((path, domain, batch) for batch in iter_jsonl_batches(path))
+            tasks = ((path, domain, first, block) for first, block in iter_jsonl_blocks(path))
             # The caller parses too while the workers are busy or still starting: it would only wait otherwise.
-            parsed = pool.imap(parse_lines, tasks, caller_helps=True) if pool is not None else map(parse_lines, tasks)
+            parsed = pool.imap(parse_block, tasks, caller_helps=True) if pool is not None else map(parse_block, tasks)
             for results in parsed:
                 if progress is not None:
                     progress(len(results))
