@@ -165,6 +165,22 @@ def _tile_grad_torch(x, targets, col_start, lse, grad_logp, mean=None, grad_entr
     return dx if dx.dtype == x.dtype else dx.to(x.dtype)
 
 
+def _combine_over_tp(lse, target_logit, mean, tp_group):
+    """The ranks' per-token statistics over their vocabulary shards -> the global ones (collective over TP).
+
+    logsumexp over ranks = M + log(sum_r exp(lse_r - M)), M = max_r lse_r: stable for huge logits. A rank of
+    padding only (lse_r = -inf) adds exp(-inf) = 0. The target logit is owned by one rank (0 elsewhere): a sum. The
+    entropy moment ``mean`` (or ``None``) is a softmax-weighted mean, so it merges with the same weights.
+    """
+    global_max = lse.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    weight_r = torch.exp(lse - global_max)
+    partial = torch.stack([weight_r, target_logit] + ([weight_r * mean] if mean is not None else []))
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
+    lse = global_max + torch.log(partial[0])
+    return lse, partial[1], (partial[2] / partial[0] if mean is not None else None)
+
+
 class _Scratch:
     """One tile's worth of memory, reused by every tile of a pass: a fresh 128 MiB tensor per tile would pay its
     page faults (CPU) or allocator traffic every time (the logits GEMM runs ~20% faster into reused memory)."""
@@ -216,19 +232,7 @@ class _FusedOutputLogProbs(torch.autograd.Function):
                 target_logit[ts:te] += t_target  # 0 unless the target's row is in this tile
 
         if tp_group is not None:
-            # logsumexp over ranks = M + log(sum_r exp(lse_r - M)), M = max_r lse_r: stable for huge logits. A rank
-            # of padding only (lse_r = -inf) adds exp(-inf) = 0. The entropy moment is a softmax-weighted mean, so
-            # it merges with the same weights.
-            global_max = lse.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-            weight_r = torch.exp(lse - global_max)
-            parts = [weight_r, target_logit] + ([weight_r * mean] if with_entropy else [])
-            partial = torch.stack(parts)
-            dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
-            lse = global_max + torch.log(partial[0])
-            target_logit = partial[1]
-            if with_entropy:
-                mean = partial[2] / partial[0]
+            lse, target_logit, mean = _combine_over_tp(lse, target_logit, mean, tp_group)
 
         ctx.save_for_backward(hidden, weight, targets, lse, mean if with_entropy else lse)
         ctx.meta = (vocab_start, v_real, tokens, rows, use_triton, with_entropy)
@@ -490,12 +494,8 @@ class _FusedOutputLoss(torch.autograd.Function):
             else:  # a rank holding only vocabulary padding
                 lse = torch.full((te - ts,), float("-inf"), **f32)
                 target_logit = torch.zeros(te - ts, **f32)
-            if tp_group is not None:  # the combine of the recompute path, per chunk
-                global_max = lse.clone()
-                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-                partial = torch.stack([torch.exp(lse - global_max), target_logit])
-                dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
-                lse, target_logit = global_max + torch.log(partial[0]), partial[1]
+            if tp_group is not None:
+                lse, target_logit, _ = _combine_over_tp(lse, target_logit, None, tp_group)
             logp[ts:te] = target_logit - lse
             g = token_gradient(ts, te)
             if not v_real or not (need_hidden or need_weight):
