@@ -97,8 +97,8 @@ def fused_output_layer_enabled(setting: Union[str, bool]) -> bool:
     pass (:func:`fused_output_loss`, ``loss.fused_output_gradients: forward``), costs the three output-layer GEMMs
     of Megatron's cross-entropy step. ``benchmarks/train_step.py`` on CPU (2 x 1024 tokens, Qwen's 151,936
     vocabulary, a 4-layer toy whose output layer is ~60% of the step's FLOPs, quiet machine): the offline GRPO
-    step takes 1.00x the cross-entropy step's time at 0.35x its peak extra memory; with the logits recomputed in
-    backward (four GEMMs) 1.16x / 0.37x; unfused 2.36x / 2.45x. On GPU no timing yet (``--device cuda --seq
+    step takes 1.00x the cross-entropy step's time at 0.35-0.36x its peak extra memory (two runs); with the logits
+    recomputed in backward (four GEMMs) 1.16-1.20x / 0.36x; unfused 1.56-2.36x / 2.44x. On GPU no timing yet (``--device cuda --seq
     16384`` gives it).
     """
     value = str(setting).lower()
