@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from train_helpers import STEP_METRICS, TINY_YAML, add_synthetic_reference, assert_same_step, read_jsonl
+from train_helpers import read_weights_worker
 from train_helpers import train_overrides as _overrides
 from train_helpers import train_worker as _train_worker
 
@@ -144,23 +145,6 @@ def convert_worker(rank: int, world: int, hf_dir: str, out_dir: str) -> None:
     from megatron_offgrpo.models.converter import convert_hf_to_mcore
 
     convert_hf_to_mcore(hf_dir, out_dir, progress=False)
-
-
-def read_weights_worker(rank: int, world: int, checkpoints: List[str], overrides: List[str]) -> Dict:
-    """Model weights of each training checkpoint, loaded at TP = PP = EP = 1 with the model of ``overrides``."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_offgrpo.config import load_config
-    from megatron_offgrpo.training.setup import build_training_objects, initialize_distributed
-
-    cfg = load_config(TINY_YAML, overrides)
-    initialize_distributed(cfg)
-    module = build_training_objects(cfg).model[0].module
-    out = {}
-    for path in checkpoints:
-        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
-        out[path] = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
-    return out
 
 
 def run_moe_layouts(dataset: str, model: Dict[str, str], tmp: str, layouts: Dict, baseline: str,

@@ -23,6 +23,7 @@ from train_helpers import sample_with_reference
 from train_helpers import build_sample as _build_sample
 from train_helpers import latest_name as _latest
 from train_helpers import read_jsonl as _read_jsonl
+from train_helpers import read_weights_worker
 from train_helpers import train_cli as _cli
 from train_helpers import train_overrides as _overrides
 from train_helpers import train_worker as _train_worker
@@ -48,19 +49,9 @@ def _init_checkpoint_worker(rank, world, path):
 
 
 def _read_weights_worker(rank, world, checkpoints, init):
-    """Model weights of each training checkpoint, loaded at TP=1 / PP=1."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_offgrpo.training.setup import build_training_objects, initialize_distributed
-
-    cfg = load_config(None, ["data.train_prefix=unused", "model.transformer_impl=local", f"model.load={init}"])
-    initialize_distributed(cfg)
-    module = build_training_objects(cfg).model[0].module
-    out = {}
-    for path in checkpoints:
-        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
-        out[path] = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
-    return out
+    """Model weights of each training checkpoint, loaded at TP=1 / PP=1 (the tiny model)."""
+    return read_weights_worker(rank, world, checkpoints,
+                               ["data.train_prefix=unused", "model.transformer_impl=local", f"model.load={init}"])
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,24 @@ def train_worker(rank: int, world: int, overrides: List[str]) -> Dict:
     return {"history": result.history, "checkpoint": result.checkpoint, "stopped_by": result.stopped_by}
 
 
+def read_weights_worker(rank: int, world: int, checkpoints: List[str], overrides: List[str]) -> Dict:
+    """Model weights of each training checkpoint, loaded at TP = PP = EP = 1 with the model of ``overrides``."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_offgrpo.config import load_config
+    from megatron_offgrpo.training.setup import build_training_objects, initialize_distributed
+
+    cfg = load_config(TINY_YAML, overrides)
+    initialize_distributed(cfg)
+    module = build_training_objects(cfg).model[0].module
+    out = {}
+    for path in checkpoints:
+        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+        out[path] = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+    return out
+
+
 def read_jsonl(path: str) -> Dict[int, Dict]:
     """metrics.jsonl by step (a resumed run re-logs the steps after its checkpoint: the last one wins)."""
     by_step = {}
